@@ -1,0 +1,531 @@
+"""Train a VAE/GAN (Larsen et al. 2016, arXiv 1512.09300): the command line and the loop.
+
+    python3 main.py --dataset mnist
+
+One training step is `train_step`: one forward pass of the three networks, then each
+network's gradient from its own loss only (Algorithm 1), then the optimizer steps.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import losses
+import utils
+from models import ConfigError, Decoder, Discriminator, Encoder, ModelConfig, count_parameters
+
+# Values a preset fills in when the command line leaves them out. `cpu` was chosen from
+# real MNIST runs (see the README); `paper` is the paper's 64x64 model and settings.
+PRESETS = {
+    "paper": dict(image_size=64, width=1.0, gamma=1e-5, llike_weight=1.0),
+    "cpu": dict(image_size=32, width=0.25, gamma=1e-2, llike_weight=0.3),
+}
+SAMPLE_GRID = 64          # prior samples in each sample grid (8x8)
+RECONSTRUCTION_PAIRS = 32  # held-out images (and their reconstructions) in each reconstruction grid
+TIMING_STEPS = 10          # report the measured step time after this many steps
+
+
+class UsageError(Exception):
+    """A command line that cannot run; the message says what to do instead."""
+
+
+class TrainingDiverged(Exception):
+    """A loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LossConfig:
+    """How the losses are weighted and which updates the equilibrium rule allows."""
+    gamma: float = 1e-5               # decoder: gamma * L_llike - (1 - gamma) * L_GAN
+    real_weight: float = 0.5          # weight of the real-image part of L_GAN
+    gan_loss: str = "minimax"         # or "nonsaturating"
+    equilibrium: float | None = 0.68  # None: always update both
+    margin: float = 0.35
+    llike_weight: float = 1.0         # encoder: L_prior + llike_weight * L_llike
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run, resolved (config.json holds this)."""
+    dataset: str = "mnist"
+    data_root: str = "./data"
+    out: str = ""
+    preset: str = "auto"
+    image_size: int = 64
+    channels: int = 1
+    latent_dim: int = 128
+    width: float = 1.0
+    recon_layer: int = 4
+    batch_size: int = 64
+    lr: float = 3e-4
+    rmsprop_alpha: float = 0.9
+    epochs: int = 25
+    max_steps: int | None = None
+    gamma: float = 1e-5
+    real_weight: float = 0.5
+    gan_loss: str = "minimax"
+    equilibrium: float | None = 0.68
+    margin: float = 0.35
+    llike_weight: float = 1.0
+    sample_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    overwrite: bool = False
+
+    def model(self) -> ModelConfig:
+        return ModelConfig(self.image_size, self.channels, self.latent_dim, self.width, self.recon_layer)
+
+    def loss(self) -> LossConfig:
+        return LossConfig(self.gamma, self.real_weight, self.gan_loss, self.equilibrium, self.margin, self.llike_weight)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py",
+        description="Train a VAE/GAN (Larsen et al. 2016) and write sample grids, reconstruction grids, "
+                    "loss plots, metrics.csv and a checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    preset_help = "values from --preset"
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="mnist", choices=sorted(data.DATASETS), help="what to train on")
+    g.add_argument("--data-root", default="./data", help="where datasets are read or downloaded (folder: the image folder)")
+    g.add_argument("--image-size", type=int, help=f"square image side, a multiple of 8 from 16 ({preset_help})")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3; only for --dataset folder (default 3)")
+    g.add_argument("--num-workers", type=int, default=2, help="loader processes for file datasets")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="auto", choices=("auto", "paper", "cpu"),
+                   help="auto: paper on CUDA/MPS, cpu on a CPU; explicit flags always win")
+    g.add_argument("--latent-dim", type=int, default=128, help="size of z")
+    g.add_argument("--width", type=float, help=f"multiplies every channel and hidden-unit count ({preset_help})")
+    g.add_argument("--recon-layer", type=int, default=4, help="discriminator convolution (1-4) whose output is Dis_l")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--lr", type=float, default=3e-4, help="RMSprop learning rate of all three networks")
+    g.add_argument("--rmsprop-alpha", type=float, default=0.9, help="RMSprop smoothing constant")
+    g.add_argument("--epochs", type=int, default=25)
+    g.add_argument("--max-steps", type=int, help="stop after this many steps in all")
+    g.add_argument("--gamma", type=float, help=f"decoder weight of L_llike against L_GAN ({preset_help})")
+    g.add_argument("--llike-weight", type=float, help=f"encoder weight of L_llike; below 1 is a stronger prior ({preset_help})")
+    g.add_argument("--real-weight", type=float, default=0.5, help="weight of real images in L_GAN")
+    g.add_argument("--gan-loss", default="minimax", choices=losses.GAN_LOSSES, help="decoder's GAN objective")
+    g.add_argument("--equilibrium", type=float, default=0.68, help="centre of the BCE band that gates updates")
+    g.add_argument("--margin", type=float, default=0.35, help="half-width of that band")
+    g.add_argument("--no-equilibrium", action="store_true", help="update both networks every step")
+    g.add_argument("--seed", type=int, default=0, help="makes a run repeatable")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="run folder (default: runs/<dataset>-<date-time>)")
+    g.add_argument("--sample-every", type=int, default=0, help="also write grids every N steps (0: each epoch only)")
+    g.add_argument("--overwrite", action="store_true", help="reuse an --out folder that already holds a run")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA, then MPS, then CPU; UsageError for a device this machine lacks."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name} asks for a GPU, but PyTorch finds no CUDA GPU here; use --device cpu or auto.")
+        if (device.index or 0) >= count:
+            raise UsageError(f"--device {name} does not exist: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps asks for Apple's GPU, which PyTorch cannot use here; use --device cpu or auto.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainConfig, str]:
+    """Fill preset values the command line left out; returns the config and a line saying what was chosen."""
+    preset = args.preset if args.preset != "auto" else ("cpu" if device.type == "cpu" else "paper")
+    chosen = {key: getattr(args, key) if getattr(args, key) is not None else value
+              for key, value in PRESETS[preset].items()}
+    spec = data.DATASETS[args.dataset]
+    if args.channels is not None and spec.channels is not None and args.channels != spec.channels:
+        raise UsageError(f"--channels {args.channels} does not fit {args.dataset}, whose images have "
+                         f"{spec.channels} channel(s); leave --channels out (it is for --dataset folder).")
+    given = {f.name for f in fields(TrainConfig)} & vars(args).keys()
+    cfg = TrainConfig(**{**{k: getattr(args, k) for k in given}, **chosen,
+                         "preset": preset, "device": str(device),
+                         "channels": spec.channels or args.channels or 3,
+                         "equilibrium": None if args.no_equilibrium else args.equilibrium,
+                         "out": args.out or f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"})
+    validate(cfg)
+    why = f"auto on {device.type}" if args.preset == "auto" else "asked for"
+    values = ", ".join(f"{key.replace('_', ' ')} {getattr(cfg, key):g}" for key in PRESETS[preset])
+    other = {"paper": "--preset cpu gives the reduced CPU configuration",
+             "cpu": "--preset paper gives the paper's 64x64 network"}[preset]
+    return cfg, f"preset {preset} ({why}): {values}; {other}; explicit flags win."
+
+
+def validate(cfg: TrainConfig) -> None:
+    """UsageError for values the networks or losses cannot use."""
+    cfg.model()  # raises ConfigError for sizes, widths and layers
+    checks = [
+        (cfg.batch_size >= 2, f"--batch-size {cfg.batch_size} is too small: BatchNorm needs at least 2 images per batch (the paper uses 64)."),
+        (cfg.lr > 0, f"--lr {cfg.lr} must be positive (the paper uses 3e-4)."),
+        (0 <= cfg.rmsprop_alpha < 1, f"--rmsprop-alpha {cfg.rmsprop_alpha} must be in [0, 1) (the authors use 0.9)."),
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs} must be at least 1."),
+        (cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps {cfg.max_steps} must be at least 1."),
+        (0 <= cfg.gamma <= 1, f"--gamma {cfg.gamma} must be in [0, 1] (the paper uses 1e-5)."),
+        (0 < cfg.real_weight < 1, f"--real-weight {cfg.real_weight} must be strictly between 0 and 1 (default 0.5)."),
+        (cfg.margin >= 0, f"--margin {cfg.margin} must not be negative (default 0.35)."),
+        (cfg.llike_weight >= 0, f"--llike-weight {cfg.llike_weight} must not be negative (1 is the paper's)."),
+        (cfg.sample_every >= 0, f"--sample-every {cfg.sample_every} must not be negative (0 turns it off)."),
+        (cfg.num_workers >= 0, f"--num-workers {cfg.num_workers} must not be negative."),
+        (all(math.isfinite(v) for v in (cfg.lr, cfg.gamma, cfg.width, cfg.real_weight, cfg.margin, cfg.llike_weight)),
+         "a numeric option is not a finite number."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+# ---------------------------------------------------------------------------
+# The training step (Algorithm 1)
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Networks:
+    encoder: Encoder
+    decoder: Decoder
+    discriminator: Discriminator
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.discriminator}
+
+
+def build_networks(cfg: ModelConfig, device: torch.device | str = "cpu") -> Networks:
+    return Networks(Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
+
+
+def build_optimizers(nets: Networks, lr: float, alpha: float) -> dict[str, torch.optim.Optimizer]:
+    """One RMSprop per network."""
+    return {name: torch.optim.RMSprop(module.parameters(), lr=lr, alpha=alpha) for name, module in nets.modules().items()}
+
+
+def equilibrium_gate(bce_real: float, bce_fake: float, cfg: LossConfig) -> tuple[bool, bool]:
+    """The authors' rule: (update the discriminator?, update the decoder?) from this batch's BCEs."""
+    if cfg.equilibrium is None:
+        return True, True
+    update_dis = not (bce_real < cfg.equilibrium - cfg.margin or bce_fake < cfg.equilibrium - cfg.margin)
+    update_dec = not (bce_real > cfg.equilibrium + cfg.margin or bce_fake > cfg.equilibrium + cfg.margin)
+    if not (update_dis or update_dec):
+        return True, True
+    return update_dis, update_dec
+
+
+def set_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor, ...] | None) -> None:
+    for param, grad in zip(params, grads or [None] * len(params)):
+        param.grad = grad
+
+
+def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
+                      noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One forward pass, then set each network's .grad from its own loss (None if not updated).
+
+    Encoder       <- grad(L_prior + llike_weight * L_llike)
+    Decoder       <- grad(gamma * L_llike + (1 - gamma) * decoder GAN term)   if the gate allows
+    Discriminator <- grad(L_GAN)                                              if the gate allows
+    `noise` = (eps for the reparameterisation, z_p for prior samples); drawn if None.
+    Returns the step's statistics as 0-d tensors.
+    """
+    n = x.shape[0]
+    enc_params, dec_params, dis_params = (list(m.parameters()) for m in nets.modules().values())
+    eps, z_prior = noise if noise is not None else torch.randn(2, n, nets.encoder.mean.out_features, device=x.device)
+
+    mean, logvar = nets.encoder(x)                                  # (n, latent) each
+    z = losses.reparameterize(mean, logvar, eps)
+    generated = nets.decoder(torch.cat([z, z_prior]))               # (2n, C, S, S): x~ then x_p
+    generated_in = generated.detach().requires_grad_()              # routes image gradients by hand
+    logits, dis_l = nets.discriminator(torch.cat([x, generated_in]))  # one pass over x, x~, x_p
+    logits_real, logits_fake = logits[:n], logits[n:]
+
+    loss_prior = losses.kl_divergence(mean, logvar)
+    loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
+    loss_gan = losses.discriminator_loss(logits_real, logits_fake, cfg.real_weight)
+    loss_dec_gan = losses.decoder_gan_loss(logits_real, logits_fake, cfg.real_weight, cfg.gan_loss)
+    with torch.no_grad():
+        bce = torch.stack([losses.bce_real(logits_real), losses.bce_fake(logits_fake)]).tolist()
+    update_dis, update_dec = equilibrium_gate(*bce, cfg)
+
+    # Discriminator <- grad L_GAN. For the minimax loss the decoder's GAN term is -L_GAN, so the
+    # same backward pass also yields its image gradient.
+    reuse = update_dis and update_dec and cfg.gan_loss == "minimax"
+    grad_gan_images = None
+    if update_dis:
+        inputs = dis_params + [generated_in] if reuse else dis_params
+        grads = torch.autograd.grad(loss_gan, inputs, retain_graph=True)
+        set_grads(dis_params, grads[:len(dis_params)])
+        grad_gan_images = -grads[-1] if reuse else None
+    else:
+        set_grads(dis_params, None)
+    if update_dec and grad_gan_images is None:
+        grad_gan_images, = torch.autograd.grad(loss_dec_gan, generated_in, retain_graph=True)
+    # Image gradient of L_llike: through the discriminator, which it must not train.
+    grad_llike_images, = torch.autograd.grad(loss_llike, generated_in)
+
+    # Decoder <- grad(gamma * L_llike + (1 - gamma) * GAN term), through the generated images.
+    if update_dec:
+        upstream = cfg.gamma * grad_llike_images + (1.0 - cfg.gamma) * grad_gan_images
+        set_grads(dec_params, torch.autograd.grad(generated, dec_params, upstream, retain_graph=True))
+    else:
+        set_grads(dec_params, None)
+    # Encoder <- grad(L_prior + llike_weight * L_llike): L_llike reaches it through the decoder, no GAN term does.
+    set_grads(enc_params, torch.autograd.grad([loss_prior, generated], enc_params,
+                                              [torch.ones_like(loss_prior), cfg.llike_weight * grad_llike_images]))
+
+    with torch.no_grad():
+        probability = torch.sigmoid(logits)
+        return {
+            "loss_prior": loss_prior, "loss_llike": loss_llike, "loss_gan": loss_gan, "loss_dec_gan": loss_dec_gan,
+            "bce_real": torch.tensor(bce[0]), "bce_fake": torch.tensor(bce[1]),
+            "d_real": probability[:n].mean(), "d_recon": probability[n:2 * n].mean(), "d_prior": probability[2 * n:].mean(),
+            "recon_mse": (generated[:n] - x).pow(2).mean(),
+            "update_dis": torch.tensor(float(update_dis)), "update_dec": torch.tensor(float(update_dec)),
+        }
+
+
+def train_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, cfg: LossConfig,
+               noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+    """Compute every gradient, then step the optimizers of the networks that got one."""
+    stats = compute_gradients(nets, x, cfg, noise)
+    for name, module in nets.modules().items():
+        if next(module.parameters()).grad is not None:
+            optimizers[name].step()
+    values = torch.stack([v.to(x.device, torch.float32) for v in stats.values()]).tolist()  # one device sync
+    return dict(zip(stats, values))
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_with_batch_statistics(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
+    """Decode with BatchNorm normalising by this batch's statistics, leaving the running ones untouched.
+
+    Prior samples look better this way than with the running averages (measured; see the README).
+    """
+    norms = [m for m in decoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was_training = decoder.training
+    decoder.train()
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        return decoder(z)
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        decoder.train(was_training)
+
+
+@torch.no_grad()
+def reconstruct(nets: Networks, x: torch.Tensor) -> torch.Tensor:
+    """Dec(mean of q(z|x)) with the networks in evaluation mode."""
+    nets.encoder.eval()
+    nets.decoder.eval()
+    try:
+        mean, _ = nets.encoder(x)
+        return nets.decoder(mean)
+    finally:
+        nets.encoder.train()
+        nets.decoder.train()
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    """Create the run folder; refuse one that holds another run unless --overwrite."""
+    out = Path(cfg.out).expanduser()
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise UsageError(f"{out} already holds a run (its config.json is there); choose another --out, "
+                         "or add --overwrite to replace it.")
+    try:
+        for sub in ("", "samples", "reconstructions", "plots"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"cannot write into --out {out} ({error.strerror}); choose a writable folder.") from None
+    if cfg.overwrite:
+        (out / "metrics.csv").unlink(missing_ok=True)
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_grids(nets: Networks, out: Path, tag: str, fixed_z: torch.Tensor, heldout: torch.Tensor) -> None:
+    utils.save_grid(decode_with_batch_statistics(nets.decoder, fixed_z), out / "samples" / f"{tag}.png")
+    if len(heldout):
+        pairs = utils.interleave(heldout, reconstruct(nets, heldout))
+        utils.save_grid(pairs, out / "reconstructions" / f"{tag}.png")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def epoch_summary(epoch: int, cfg: TrainConfig, rows: list[dict[str, float]], seconds: float) -> str:
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return (f"epoch {epoch}/{cfg.epochs}: {len(rows)} steps in {format_duration(seconds)} "
+            f"({seconds / len(rows):.3f} s/step) | L_prior {mean['loss_prior']:.2f} L_llike {mean['loss_llike']:.2f} "
+            f"L_GAN {mean['loss_gan']:.3f} pixel MSE {mean['recon_mse']:.4f} | D(x) {mean['d_real']:.2f} "
+            f"D(x~) {mean['d_recon']:.2f} D(x_p) {mean['d_prior']:.2f} | updated: D {mean['update_dis']:.0%} "
+            f"Dec {mean['update_dec']:.0%}")
+
+
+def train(cfg: TrainConfig, preset_line: str = "") -> Path:
+    """Run the training loop described by `cfg`; returns the run folder."""
+    from tqdm import tqdm
+
+    device = torch.device(cfg.device)
+    splits = data.load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.channels)
+    if len(splits.train) < cfg.batch_size:
+        raise UsageError(f"the training split has {len(splits.train)} images, fewer than --batch-size "
+                         f"{cfg.batch_size}; lower --batch-size or add images.")
+    out = prepare_out_dir(cfg)
+    seed_everything(cfg.seed)
+    model_cfg, loss_cfg = cfg.model(), cfg.loss()
+    nets = build_networks(model_cfg, device)
+    optimizers = build_optimizers(nets, cfg.lr, cfg.rmsprop_alpha)
+    batches = data.Batches(splits.train, cfg.batch_size, cfg.image_size, device, cfg.seed, cfg.num_workers)
+    fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    heldout = data.heldout_images(splits.heldout, RECONSTRUCTION_PAIRS, cfg.image_size).to(device)
+    counts = {name: count_parameters(m) for name, m in nets.modules().items()}
+    utils.write_json({**asdict(cfg), "torch_version": torch.__version__, "parameters": counts,
+                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type},
+                     out / "config.json")
+
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    if preset_line:
+        print(preset_line)
+    print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()))
+    print(f"data: {cfg.dataset}, {len(splits.train):,} training images, {len(batches)} steps per epoch; writing to {out}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    log = utils.MetricsLog(out / "metrics.csv")
+    total_steps = min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
+    step, skipped = 0, 0
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            epoch_rows, epoch_start = [], time.perf_counter()
+            bar = tqdm(total=min(len(batches), total_steps - step), desc=f"epoch {epoch}/{cfg.epochs}",
+                       unit="step", dynamic_ncols=True, leave=False)
+            batch_iter = batches.epoch(epoch)
+            while step < total_steps:
+                wait_start = time.perf_counter()
+                x, dropped = next(batch_iter, (None, 0))
+                if x is None:
+                    break
+                skipped += dropped
+                if len(x) < 2:
+                    continue
+                step_start = time.perf_counter()
+                row = train_step(nets, optimizers, x, loss_cfg)
+                step += 1
+                now = time.perf_counter()
+                bad = [k for k in ("loss_prior", "loss_llike", "loss_gan") if not math.isfinite(row[k])]
+                if bad:
+                    raise TrainingDiverged(f"training diverged: {bad[0]} became {row[bad[0]]} at step {step}. The last good "
+                                     f"checkpoint is {out / 'checkpoint.pt'} (if an epoch finished); try a lower --lr.")
+                row = {"step": step, "epoch": epoch, **row, "sec_per_step": now - step_start,
+                       "data_wait": step_start - wait_start}
+                log.append(row)
+                epoch_rows.append(row)
+                bar.update(1)
+                bar.set_postfix_str(f"KL {row['loss_prior']:.1f} llike {row['loss_llike']:.1f} "
+                                    f"GAN {row['loss_gan']:.2f} D(x) {row['d_real']:.2f}")
+                if step == TIMING_STEPS + 2:
+                    per_step = float(np.median([r["sec_per_step"] + r["data_wait"] for r in log.rows[2:]]))
+                    tqdm.write(f"measured {per_step:.3f} s/step: an epoch of {len(batches)} steps takes about "
+                               f"{format_duration(per_step * len(batches))}, this run of {total_steps} steps about "
+                               f"{format_duration(per_step * total_steps)}")
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout)
+            bar.close()
+            if not epoch_rows:
+                break
+            write_grids(nets, out, f"epoch_{epoch:03d}", fixed_z, heldout)
+            utils.plot_metrics(log, out / "plots")
+            log.flush()
+            save_checkpoint(nets, optimizers, cfg, step, epoch, out)
+            print(epoch_summary(epoch, cfg, epoch_rows, time.perf_counter() - epoch_start), flush=True)
+            if skipped:
+                print(f"warning: skipped {skipped} unreadable image(s) so far", file=sys.stderr)
+            if step >= total_steps:
+                break
+    finally:
+        log.close()
+    print(f"done: {step} steps; grids in {out / 'samples'} and {out / 'reconstructions'}, "
+          f"plots in {out / 'plots'}, checkpoint {out / 'checkpoint.pt'}")
+    return out
+
+
+def save_checkpoint(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig,
+                    step: int, epoch: int, out: Path) -> None:
+    state = {"config": asdict(cfg), "step": step, "epoch": epoch,
+             **{name: m.state_dict() for name, m in nets.modules().items()},
+             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()}}
+    utils.save_checkpoint(state, out / "checkpoint.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        cfg, preset_line = resolve_config(args, device)
+        train(cfg, preset_line)
+    except (UsageError, ConfigError, data.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last checkpoint (written at each epoch end) is kept.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

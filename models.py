@@ -1,0 +1,166 @@
+"""The paper's three networks: Encoder, Decoder and Discriminator.
+
+Layer tables follow the 64x64 architecture of Larsen et al. 2016 (arXiv 1512.09300). `ModelConfig.width` scales every channel and hidden-unit count so
+that small configurations exist for CPUs and tests; width 1.0 is the paper's model.
+Pure modules: no I/O, no training logic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+LEAK = 0.2  # LeakyReLU slope everywhere
+
+
+class ConfigError(ValueError):
+    """A model setting that cannot build a network; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 64   # square images; any multiple of 8 from 16 up
+    channels: int = 1      # 1 (grey) or 3 (RGB)
+    latent_dim: int = 128  # size of z
+    width: float = 1.0     # multiplies every channel and hidden-unit count
+    recon_layer: int = 4   # Dis_l: output of this discriminator conv (1..4), before its BatchNorm
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16 or self.image_size % 8:
+            raise ConfigError(
+                f"image size {self.image_size} is not allowed: the networks halve the image "
+                "three times, so it must be a multiple of 8 and at least 16 (for example 32, 64 or 128)."
+            )
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 (grey) or 3 (RGB), not {self.channels}.")
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent size {self.latent_dim} gives an empty latent layer; use 1 or more (the paper uses 128).")
+        if not self.width > 0:
+            raise ConfigError(f"width {self.width} must be positive (1.0 is the paper's network, 0.25 a small one).")
+        narrowest = min(ENCODER_WIDTHS + DECODER_WIDTHS + DISCRIMINATOR_WIDTHS)
+        if round(narrowest * self.width) < 1:
+            raise ConfigError(
+                f"width {self.width} gives an empty layer (the narrowest layer has {narrowest} channels at "
+                f"width 1.0, so {narrowest} x {self.width} rounds to 0); use a width of at least {0.5 / narrowest:.3g}."
+            )
+        if self.recon_layer not in (1, 2, 3, 4):
+            raise ConfigError(f"--recon-layer {self.recon_layer} is out of range: the discriminator has convolutions 1 to 4.")
+
+    def scaled(self, units: int) -> int:
+        """A channel or hidden-unit count of the paper's network, scaled by `width`."""
+        return round(units * self.width)
+
+    @property
+    def bottom_size(self) -> int:
+        """Side of the smallest feature map (the image halved three times)."""
+        return self.image_size // 8
+
+
+# Channel and unit counts of the paper's 64x64 networks (width 1.0).
+ENCODER_WIDTHS = [64, 128, 256, 2048]
+DECODER_WIDTHS = [256, 256, 128, 32]
+DISCRIMINATOR_WIDTHS = [32, 128, 256, 256, 512]
+
+
+def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int, batch_norm: bool = True) -> list[nn.Module]:
+    """Conv (padding keeps size/stride), optional BatchNorm, LeakyReLU."""
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.LeakyReLU(LEAK))
+    return layers
+
+
+def deconv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
+    """ConvTranspose 6x6/2 (doubles the size), BatchNorm, LeakyReLU."""
+    return [nn.ConvTranspose2d(in_ch, out_ch, 6, 2, padding=2), nn.BatchNorm2d(out_ch), nn.LeakyReLU(LEAK)]
+
+
+class Encoder(nn.Module):
+    """x (N, C, S, S) -> mean, logvar of q(z|x), each (N, latent_dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c1, c2, c3, hidden = (cfg.scaled(u) for u in ENCODER_WIDTHS)
+        self.features = nn.Sequential(
+            *conv_block(cfg.channels, c1, 5, 2),  # S/2
+            *conv_block(c1, c2, 5, 2),            # S/4
+            *conv_block(c2, c3, 5, 2),            # S/8
+            nn.Flatten(),
+            nn.Linear(c3 * cfg.bottom_size**2, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(LEAK),
+        )
+        self.mean = nn.Linear(hidden, cfg.latent_dim)
+        self.logvar = nn.Linear(hidden, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.mean(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    """z (N, latent_dim) -> image (N, C, S, S) in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c0, c1, c2, c3 = (cfg.scaled(u) for u in DECODER_WIDTHS)
+        side = cfg.bottom_size
+        self.net = nn.Sequential(
+            nn.Linear(cfg.latent_dim, c0 * side**2),
+            nn.BatchNorm1d(c0 * side**2),
+            nn.LeakyReLU(LEAK),
+            nn.Unflatten(1, (c0, side, side)),  # S/8
+            *deconv_block(c0, c1),              # S/4
+            *deconv_block(c1, c2),              # S/2
+            *deconv_block(c2, c3),              # S
+            nn.ConvTranspose2d(c3, cfg.channels, 5, 1, padding=2),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    """x (N, C, S, S) -> logits (N,), Dis_l (N, features).
+
+    Dis_l is the output of convolution `recon_layer` before its BatchNorm (before the
+    LeakyReLU for the first convolution, which has no BatchNorm), flattened.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c1, c2, c3, c4, hidden = (cfg.scaled(u) for u in DISCRIMINATOR_WIDTHS)
+        self.recon_layer = cfg.recon_layer
+        # Each stage starts with its convolution, so Dis_l is a stage's first output.
+        self.stages = nn.ModuleList([
+            nn.Sequential(*conv_block(cfg.channels, c1, 5, 1, batch_norm=False)),  # S
+            nn.Sequential(*conv_block(c1, c2, 5, 2)),                              # S/2
+            nn.Sequential(*conv_block(c2, c3, 5, 2)),                              # S/4
+            nn.Sequential(*conv_block(c3, c4, 5, 2)),                              # S/8
+        ])
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c4 * cfg.bottom_size**2, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(LEAK),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x
+        dis_l = None
+        for index, stage in enumerate(self.stages, start=1):
+            conv, rest = stage[0], stage[1:]
+            h = conv(h)
+            if index == self.recon_layer:
+                dis_l = h.flatten(1)
+            h = rest(h)
+        return self.classifier(h).squeeze(1), dis_l
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,43 @@
+"""Shared test helpers: the real-data location and tiny image files."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """../shared/data as exported by .ci/run in VAEGAN_DATA; tests that need it skip without it."""
+    location = os.environ.get("VAEGAN_DATA")
+    if not location:
+        pytest.skip("VAEGAN_DATA is not set (it names the folder that holds MNIST/raw, e.g. ../shared/data)")
+    path = Path(location)
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.skip(f"VAEGAN_DATA={location} holds no MNIST/raw folder")
+    return path
+
+
+def write_images(folder: Path, count: int, size=(40, 30), mode="RGB", suffix=".png", seed=0) -> list[Path]:
+    """`count` random images of `size` (width, height) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+        path = folder / f"img_{i:04d}{suffix}"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        paths.append(path)
+    return paths
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes, as MNIST ships them."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())

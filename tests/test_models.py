@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from models import ConfigError, Decoder, Discriminator, Encoder, ModelConfig, count_parameters
+
+
+def test_paper_configuration_parameter_counts():
+    cfg = ModelConfig()  # 1x64x64, latent 128, width 1.0
+    assert count_parameters(Encoder(cfg)) == 35_112_064
+    assert count_parameters(Decoder(cfg)) == 5_834_753
+    assert count_parameters(Discriminator(cfg)) == 10_953_409
+
+
+def test_batchnorm_uses_pytorch_default_momentum():
+    for net in (Encoder(ModelConfig(width=0.25)), Decoder(ModelConfig(width=0.25)), Discriminator(ModelConfig(width=0.25))):
+        norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(m.momentum == 0.1 for m in norms)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_output_shapes(channels, size):
+    cfg = ModelConfig(image_size=size, channels=channels, latent_dim=16, width=0.125)
+    x = torch.rand(3, channels, size, size) * 2 - 1
+    mean, logvar = Encoder(cfg)(x)
+    assert mean.shape == logvar.shape == (3, 16)
+    images = Decoder(cfg)(mean)
+    assert images.shape == x.shape
+    assert images.min() >= -1 and images.max() <= 1
+    logits, dis_l = Discriminator(cfg)(x)
+    assert logits.shape == (3,)
+    assert dis_l.shape == (3, cfg.scaled(256) * (size // 8) ** 2)  # 4th conv at 1/8 size
+
+
+@pytest.mark.parametrize("layer, channels, scale", [(1, 32, 1), (2, 128, 2), (3, 256, 4), (4, 256, 8)])
+def test_every_recon_layer_is_that_convolution_before_batchnorm(layer, channels, scale):
+    cfg = ModelConfig(image_size=32, width=0.25, recon_layer=layer)
+    dis = Discriminator(cfg)
+    x = torch.rand(2, 1, 32, 32)
+    captured = {}
+    conv = dis.stages[layer - 1][0]
+    conv.register_forward_hook(lambda module, inputs, output: captured.setdefault("out", output))
+    _, dis_l = dis(x)
+    assert dis_l.shape == (2, cfg.scaled(channels) * (32 // scale) ** 2)
+    assert torch.equal(dis_l, captured["out"].flatten(1))
+
+
+def widths(net):
+    """Output sizes of every convolution and linear layer, in order."""
+    return [m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            for m in net.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+
+
+def test_width_scales_every_hidden_layer():
+    half, full = ModelConfig(width=0.5), ModelConfig()
+    for net in (Encoder, Decoder, Discriminator):
+        small, large = widths(net(half)), widths(net(full))
+        outputs = {Encoder: 2, Decoder: 1, Discriminator: 1}[net]  # latent heads / image / logit keep their size
+        assert small[-outputs:] == large[-outputs:]
+        hidden = list(zip(small, large))[:-outputs]
+        if net is Decoder:  # its first layer maps z to the 8x8 feature map: channels x 64
+            hidden = hidden[1:]
+        assert all(2 * s == l for s, l in hidden), net.__name__
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(image_size=20), "multiple of 8"),
+    (dict(image_size=8), "at least 16"),
+    (dict(channels=2), "channels"),
+    (dict(latent_dim=0), "empty latent"),
+    (dict(width=0.001), "empty layer"),
+    (dict(width=0), "positive"),
+    (dict(recon_layer=5), "out of range"),
+    (dict(recon_layer=0), "out of range"),
+])
+def test_bad_configurations_say_what_to_change(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        ModelConfig(**kwargs)

@@ -1,0 +1,57 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import utils
+
+
+def test_save_grid_writes_a_readable_png(tmp_path):
+    images = torch.linspace(-1, 1, 64 * 16 * 16).view(64, 1, 16, 16)
+    utils.save_grid(images, tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as png:
+        assert png.size == (8 * 18 + 2, 8 * 18 + 2)  # 8x8 tiles of 16 px with 2 px padding
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    utils.save_checkpoint({"step": 1}, target)
+
+    def broken(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        utils.write_atomic(target, broken)
+    assert torch.load(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_interleave_pairs_originals_with_reconstructions():
+    a, b = torch.zeros(3, 1, 2, 2), torch.ones(3, 1, 2, 2)
+    pairs = utils.interleave(a, b)
+    assert pairs[:, 0, 0, 0].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_metrics_log_and_plots(tmp_path):
+    log = utils.MetricsLog(tmp_path / "metrics.csv")
+    for step in range(1, 101):
+        log.append({name: float(step) for name in utils.METRIC_FIELDS} | {"step": step, "epoch": 1})
+    log.flush()
+    log.close()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 100 and list(rows[0]) == utils.METRIC_FIELDS and rows[-1]["loss_prior"] == "100"
+    utils.plot_metrics(log, tmp_path / "plots")
+    for name in ("kl_divergence.png", "recon_loss.png", "gan_loss.png"):
+        with Image.open(tmp_path / "plots" / name) as png:
+            assert png.size[0] > 300
+
+
+def test_smooth_is_a_trailing_mean():
+    values = np.arange(100, dtype=float)
+    smoothed = utils.smooth(values)  # window 2
+    assert smoothed[0] == 0 and smoothed[1] == 0.5 and smoothed[99] == 98.5
