@@ -324,15 +324,17 @@ class Batches:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.split), generator=generator)
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, int]]:
-        order = self.order(epoch)[: len(self) * self.batch_size]
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
+        """The batches of `epoch` from batch number `start` on (to resume inside an epoch)."""
+        order = self.order(epoch)[start * self.batch_size: len(self) * self.batch_size]
         if self.images is not None:
             for indices in order.to(self.device).split(self.batch_size):
                 yield resize(to_unit_range(self.images[indices]), self.image_size), 0
             return
         loader = torch.utils.data.DataLoader(
             self.split, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(epoch),  # keeps the global RNG untouched, for exact resume
         )
         for images, indices in loader:
             images, dropped = drop_unreadable(images, indices)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -25,15 +26,17 @@ import losses
 import utils
 from models import ConfigError, Decoder, Discriminator, Encoder, ModelConfig, count_parameters
 
-# Values a preset fills in when the command line leaves them out. `cpu` was chosen from
-# real MNIST runs (see the README); `paper` is the paper's 64x64 model and settings.
+# Values a preset fills in when the command line leaves them out: `paper` is the paper's
+# 64x64 network; `cpu` a reduced one that shows digits within minutes on a CPU, its values
+# chosen from real MNIST runs (see the README).
 PRESETS = {
-    "paper": dict(image_size=64, width=1.0, gamma=1e-5, llike_weight=1.0),
-    "cpu": dict(image_size=32, width=0.25, gamma=1e-2, llike_weight=0.3),
+    "paper": dict(image_size=64, width=1.0, epochs=25),
+    "cpu": dict(image_size=32, width=0.25, epochs=5),
 }
 SAMPLE_GRID = 64          # prior samples in each sample grid (8x8)
 RECONSTRUCTION_PAIRS = 32  # held-out images (and their reconstructions) in each reconstruction grid
 TIMING_STEPS = 10          # report the measured step time after this many steps
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class UsageError(Exception):
@@ -83,6 +86,11 @@ class TrainConfig:
     margin: float = 0.35
     llike_weight: float = 1.0
     sample_every: int = 0
+    checkpoint_every: int = 0
+    detect_anomaly: bool = False
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -116,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=float, help=f"multiplies every channel and hidden-unit count ({preset_help})")
     g.add_argument("--recon-layer", type=int, default=4, help="discriminator convolution (1-4) whose output is Dis_l")
     g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=64, help="images per step")
     g.add_argument("--lr", type=float, default=3e-4, help="RMSprop learning rate of all three networks")
     g.add_argument("--rmsprop-alpha", type=float, default=0.9, help="RMSprop smoothing constant")
-    g.add_argument("--epochs", type=int, default=25)
+    g.add_argument("--epochs", type=int, help=f"passes over the training split ({preset_help})")
     g.add_argument("--max-steps", type=int, help="stop after this many steps in all")
-    g.add_argument("--gamma", type=float, help=f"decoder weight of L_llike against L_GAN ({preset_help})")
-    g.add_argument("--llike-weight", type=float, help=f"encoder weight of L_llike; below 1 is a stronger prior ({preset_help})")
+    g.add_argument("--gamma", type=float, default=1e-5, help="decoder weight of L_llike against L_GAN")
+    g.add_argument("--llike-weight", type=float, default=1.0, help="encoder weight of L_llike; below 1 is a stronger prior")
     g.add_argument("--real-weight", type=float, default=0.5, help="weight of real images in L_GAN")
     g.add_argument("--gan-loss", default="minimax", choices=losses.GAN_LOSSES, help="decoder's GAN objective")
     g.add_argument("--equilibrium", type=float, default=0.68, help="centre of the BCE band that gates updates")
@@ -130,10 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-equilibrium", action="store_true", help="update both networks every step")
     g.add_argument("--seed", type=int, default=0, help="makes a run repeatable")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU)")
+    g.add_argument("--amp", default="off", choices=AMP_DTYPES, help="mixed precision (fp16 with loss scaling)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks and images")
+    g.add_argument("--compile", action="store_true", help="torch.compile the three networks (falls back to eager)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default: runs/<dataset>-<date-time>)")
     g.add_argument("--sample-every", type=int, default=0, help="also write grids every N steps (0: each epoch only)")
     g.add_argument("--overwrite", action="store_true", help="reuse an --out folder that already holds a run")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also save checkpoint.pt every N steps (0: at each epoch end only)")
+    g.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="continue a run exactly where its checkpoint left it, in the same folder")
+    g.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow; for debugging)")
     return p
 
 
@@ -198,9 +214,11 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.margin >= 0, f"--margin {cfg.margin} must not be negative (default 0.35)."),
         (cfg.llike_weight >= 0, f"--llike-weight {cfg.llike_weight} must not be negative (1 is the paper's)."),
         (cfg.sample_every >= 0, f"--sample-every {cfg.sample_every} must not be negative (0 turns it off)."),
+        (cfg.checkpoint_every >= 0, f"--checkpoint-every {cfg.checkpoint_every} must not be negative (0: epoch ends only)."),
         (cfg.num_workers >= 0, f"--num-workers {cfg.num_workers} must not be negative."),
-        (all(math.isfinite(v) for v in (cfg.lr, cfg.gamma, cfg.width, cfg.real_weight, cfg.margin, cfg.llike_weight)),
-         "a numeric option is not a finite number."),
+        (all(math.isfinite(v) for v in (cfg.lr, cfg.gamma, cfg.real_weight, cfg.margin, cfg.llike_weight,
+                                         cfg.equilibrium or 0.0)),
+         "--lr, --gamma, --real-weight, --margin, --llike-weight and --equilibrium must be finite numbers."),
     ]
     for ok, message in checks:
         if not ok:
@@ -221,6 +239,23 @@ class Networks:
         return {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.discriminator}
 
 
+@dataclass
+class Precision:
+    """How the step computes: autocast dtype (None: float32) and, for float16, loss scaling."""
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self, device_type: str) -> torch.autocast:
+        return torch.autocast(device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss multiplied by the current loss scale (float16), else unchanged."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+
+FLOAT32 = Precision()
+
+
 def build_networks(cfg: ModelConfig, device: torch.device | str = "cpu") -> Networks:
     return Networks(Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
 
@@ -228,6 +263,34 @@ def build_networks(cfg: ModelConfig, device: torch.device | str = "cpu") -> Netw
 def build_optimizers(nets: Networks, lr: float, alpha: float) -> dict[str, torch.optim.Optimizer]:
     """One RMSprop per network."""
     return {name: torch.optim.RMSprop(module.parameters(), lr=lr, alpha=alpha) for name, module in nets.modules().items()}
+
+
+def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool,
+               device: torch.device) -> tuple[Networks, Precision, list[str]]:
+    """The networks the step should call and its precision, per --amp, --channels-last and --compile.
+
+    Returns notes that say what was switched on, or why a path fell back.
+    """
+    notes, dtype, scaler = [], AMP_DTYPES[amp], None
+    if dtype is torch.float16:
+        try:
+            scaler = torch.amp.GradScaler(device.type)
+        except (RuntimeError, ValueError) as error:
+            notes.append(f"--amp fp16 falls back to float32: no loss scaling on {device.type} ({error})")
+            dtype = None
+    if dtype is not None:
+        notes.append(f"mixed precision: autocast to {amp}" + (" with dynamic loss scaling" if scaler else ""))
+    if channels_last:
+        for module in nets.modules().values():
+            module.to(memory_format=torch.channels_last)
+        notes.append("channels-last memory format")
+    step_nets = nets
+    if compile:
+        from torch import _dynamo
+        _dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
+        step_nets = Networks(*(torch.compile(m) for m in nets.modules().values()))
+        notes.append("torch.compile: the first steps are slow while the networks compile")
+    return step_nets, Precision(dtype, scaler), notes
 
 
 def equilibrium_gate(bce_real: float, bce_fake: float, cfg: LossConfig) -> tuple[bool, bool]:
@@ -247,24 +310,30 @@ def set_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor, ...] | None
 
 
 def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
-                      noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                      noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      precision: Precision = FLOAT32) -> dict[str, torch.Tensor]:
     """One forward pass, then set each network's .grad from its own loss (None if not updated).
 
     Encoder       <- grad(L_prior + llike_weight * L_llike)
     Decoder       <- grad(gamma * L_llike + (1 - gamma) * decoder GAN term)   if the gate allows
     Discriminator <- grad(L_GAN)                                              if the gate allows
     `noise` = (eps for the reparameterisation, z_p for prior samples); drawn if None.
+    With a loss scaler the gradients are those of the scaled losses (the scaler unscales them).
     Returns the step's statistics as 0-d tensors.
     """
     n = x.shape[0]
     enc_params, dec_params, dis_params = (list(m.parameters()) for m in nets.modules().values())
+    set_grads(enc_params + dec_params + dis_params, None)  # free the last step's gradients first
     eps, z_prior = noise if noise is not None else torch.randn(2, n, nets.encoder.mean.out_features, device=x.device)
 
-    mean, logvar = nets.encoder(x)                                  # (n, latent) each
-    z = losses.reparameterize(mean, logvar, eps)
-    generated = nets.decoder(torch.cat([z, z_prior]))               # (2n, C, S, S): x~ then x_p
-    generated_in = generated.detach().requires_grad_()              # routes image gradients by hand
-    logits, dis_l = nets.discriminator(torch.cat([x, generated_in]))  # one pass over x, x~, x_p
+    with precision.autocast(x.device.type):
+        mean, logvar = nets.encoder(x)                                    # (n, latent) each
+        z = losses.reparameterize(mean, logvar, eps)
+        generated = nets.decoder(torch.cat([z, z_prior]))                 # (2n, C, S, S): x~ then x_p
+        generated_in = generated.detach().requires_grad_()                # routes image gradients by hand
+        logits, dis_l = nets.discriminator(torch.cat([x, generated_in]))  # one pass over x, x~, x_p
+    # Losses in float32 at least, whatever the autocast dtype.
+    mean, logvar, logits, dis_l = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mean, logvar, logits, dis_l))
     logits_real, logits_fake = logits[:n], logits[n:]
 
     loss_prior = losses.kl_divergence(mean, logvar)
@@ -281,25 +350,26 @@ def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
     grad_gan_images = None
     if update_dis:
         inputs = dis_params + [generated_in] if reuse else dis_params
-        grads = torch.autograd.grad(loss_gan, inputs, retain_graph=True)
+        grads = torch.autograd.grad(precision.scaled(loss_gan), inputs, retain_graph=True)
         set_grads(dis_params, grads[:len(dis_params)])
         grad_gan_images = -grads[-1] if reuse else None
     else:
         set_grads(dis_params, None)
     if update_dec and grad_gan_images is None:
-        grad_gan_images, = torch.autograd.grad(loss_dec_gan, generated_in, retain_graph=True)
+        grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated_in, retain_graph=True)
     # Image gradient of L_llike: through the discriminator, which it must not train.
-    grad_llike_images, = torch.autograd.grad(loss_llike, generated_in)
+    grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated_in)
 
     # Decoder <- grad(gamma * L_llike + (1 - gamma) * GAN term), through the generated images.
     if update_dec:
         upstream = cfg.gamma * grad_llike_images + (1.0 - cfg.gamma) * grad_gan_images
-        set_grads(dec_params, torch.autograd.grad(generated, dec_params, upstream, retain_graph=True))
+        set_grads(dec_params, torch.autograd.grad(generated, dec_params, upstream.to(generated.dtype), retain_graph=True))
     else:
         set_grads(dec_params, None)
     # Encoder <- grad(L_prior + llike_weight * L_llike): L_llike reaches it through the decoder, no GAN term does.
-    set_grads(enc_params, torch.autograd.grad([loss_prior, generated], enc_params,
-                                              [torch.ones_like(loss_prior), cfg.llike_weight * grad_llike_images]))
+    set_grads(enc_params, torch.autograd.grad([precision.scaled(loss_prior), generated], enc_params,
+                                              [torch.ones_like(loss_prior),
+                                               (cfg.llike_weight * grad_llike_images).to(generated.dtype)]))
 
     with torch.no_grad():
         probability = torch.sigmoid(logits)
@@ -313,12 +383,18 @@ def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
 
 
 def train_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, cfg: LossConfig,
-               noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+               noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+               precision: Precision = FLOAT32) -> dict[str, float]:
     """Compute every gradient, then step the optimizers of the networks that got one."""
-    stats = compute_gradients(nets, x, cfg, noise)
+    stats = compute_gradients(nets, x, cfg, noise, precision)
     for name, module in nets.modules().items():
         if next(module.parameters()).grad is not None:
-            optimizers[name].step()
+            if precision.scaler is not None:
+                precision.scaler.step(optimizers[name])  # unscales; skips the step if a gradient overflowed
+            else:
+                optimizers[name].step()
+    if precision.scaler is not None:
+        precision.scaler.update()
     values = torch.stack([v.to(x.device, torch.float32) for v in stats.values()]).tolist()  # one device sync
     return dict(zip(stats, values))
 
@@ -363,12 +439,12 @@ def reconstruct(nets: Networks, x: torch.Tensor) -> torch.Tensor:
 # The run
 # ---------------------------------------------------------------------------
 
-def prepare_out_dir(cfg: TrainConfig) -> Path:
-    """Create the run folder; refuse one that holds another run unless --overwrite."""
+def prepare_out_dir(cfg: TrainConfig, resuming: bool) -> Path:
+    """Create the run folder; refuse one that holds another run unless resuming or --overwrite."""
     out = Path(cfg.out).expanduser()
-    if (out / "config.json").exists() and not cfg.overwrite:
-        raise UsageError(f"{out} already holds a run (its config.json is there); choose another --out, "
-                         "or add --overwrite to replace it.")
+    if (out / "config.json").exists() and not (resuming or cfg.overwrite):
+        raise UsageError(f"{out} already holds a run (its config.json is there); continue it with "
+                         f"--resume {out}, choose another --out, or add --overwrite to replace it.")
     try:
         for sub in ("", "samples", "reconstructions", "plots"):
             (out / sub).mkdir(parents=True, exist_ok=True)
@@ -377,8 +453,6 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
         probe.unlink()
     except OSError as error:
         raise UsageError(f"cannot write into --out {out} ({error.strerror}); choose a writable folder.") from None
-    if cfg.overwrite:
-        (out / "metrics.csv").unlink(missing_ok=True)
     return out
 
 
@@ -413,8 +487,59 @@ def epoch_summary(epoch: int, cfg: TrainConfig, rows: list[dict[str, float]], se
             f"Dec {mean['update_dec']:.0%}")
 
 
-def train(cfg: TrainConfig, preset_line: str = "") -> Path:
-    """Run the training loop described by `cfg`; returns the run folder."""
+class StopRequest:
+    """SIGINT and SIGTERM ask the loop to save a checkpoint and stop after the current step.
+
+    A second Ctrl-C stops at once (the last checkpoint on disk is kept).
+    """
+    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.EXIT_CODES}
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
+              "at once, losing the steps since the last checkpoint)...", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = StopRequest.EXIT_CODES[signum]
+
+
+def checkpoint_state(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig,
+                     step: int, epoch: int, epoch_batches: int, log: utils.MetricsLog) -> dict:
+    """Everything a run needs to continue exactly: weights, optimizers, position, RNG, history."""
+    return {"config": asdict(cfg), "step": step, "epoch": epoch, "epoch_batches": epoch_batches,
+            **{name: m.state_dict() for name, m in nets.modules().items()},
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "rng": utils.rng_state(), "history": log.history()}
+
+
+def load_networks(state: dict, nets: Networks) -> None:
+    """Load a checkpoint's weights; CheckpointError if they were made for another model."""
+    for name, module in nets.modules().items():
+        try:
+            module.load_state_dict(state[name])
+        except RuntimeError as error:
+            raise utils.CheckpointError(
+                f"the checkpoint's {name} does not fit the model its config describes ({str(error).splitlines()[0]}); "
+                "it was made for another model or edited. Use a checkpoint written by this tool.") from None
+
+
+def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -> Path:
+    """Run the training loop described by `cfg`, from scratch or from a checkpoint; returns the run folder."""
     from tqdm import tqdm
 
     device = torch.device(cfg.device)
@@ -422,52 +547,80 @@ def train(cfg: TrainConfig, preset_line: str = "") -> Path:
     if len(splits.train) < cfg.batch_size:
         raise UsageError(f"the training split has {len(splits.train)} images, fewer than --batch-size "
                          f"{cfg.batch_size}; lower --batch-size or add images.")
-    out = prepare_out_dir(cfg)
+    out = prepare_out_dir(cfg, resuming=resume is not None)
     seed_everything(cfg.seed)
     model_cfg, loss_cfg = cfg.model(), cfg.loss()
     nets = build_networks(model_cfg, device)
     optimizers = build_optimizers(nets, cfg.lr, cfg.rmsprop_alpha)
+    step_nets, precision, fast_path_notes = fast_paths(nets, cfg.amp, cfg.channels_last, cfg.compile, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batches = data.Batches(splits.train, cfg.batch_size, cfg.image_size, device, cfg.seed, cfg.num_workers)
     fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     heldout = data.heldout_images(splits.heldout, RECONSTRUCTION_PAIRS, cfg.image_size).to(device)
     counts = {name: count_parameters(m) for name, m in nets.modules().items()}
-    utils.write_json({**asdict(cfg), "torch_version": torch.__version__, "parameters": counts,
-                      "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type},
-                     out / "config.json")
+    step, epoch, epoch_batches = 0, 1, 0
+    if resume is None:
+        utils.write_json({**asdict(cfg), "torch_version": torch.__version__, "parameters": counts,
+                          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type},
+                         out / "config.json")
+    else:
+        load_networks(resume, nets)
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(resume["optimizers"][name])
+            for group in optimizer.param_groups:  # a changed --lr or --rmsprop-alpha wins over the saved one
+                group.update(lr=cfg.lr, alpha=cfg.rmsprop_alpha)
+        utils.set_rng_state(resume["rng"])
+        if precision.scaler is not None and resume.get("scaler"):
+            precision.scaler.load_state_dict(resume["scaler"])
+        step, epoch, epoch_batches = resume["step"], resume["epoch"], resume["epoch_batches"]
+    log = utils.MetricsLog(out / "metrics.csv", resume["history"] if resume else None)
+    if epoch_batches >= len(batches):  # the checkpoint was written at an epoch's end
+        epoch, epoch_batches = epoch + 1, 0
 
     print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     if preset_line:
         print(preset_line)
     print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()))
+    for note in fast_path_notes:
+        print(note)
     print(f"data: {cfg.dataset}, {len(splits.train):,} training images, {len(batches)} steps per epoch; writing to {out}")
+    if resume is not None:
+        print(f"resuming at step {step}: epoch {epoch}, batch {epoch_batches} of {len(batches)}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    torch.autograd.set_detect_anomaly(cfg.detect_anomaly)
 
-    log = utils.MetricsLog(out / "metrics.csv")
+    def save(epoch_batches: int) -> None:
+        state = checkpoint_state(nets, optimizers, cfg, step, epoch, epoch_batches, log)
+        state["scaler"] = precision.scaler.state_dict() if precision.scaler is not None else {}
+        log.flush()
+        utils.save_checkpoint(state, out / "checkpoint.pt")
+
     total_steps = min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
-    step, skipped = 0, 0
+    first_step, skipped = step, 0
+    stop = StopRequest()
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(epoch, cfg.epochs + 1):
+            position = epoch_batches if step == first_step else 0  # resume inside the first epoch only
             epoch_rows, epoch_start = [], time.perf_counter()
-            bar = tqdm(total=min(len(batches), total_steps - step), desc=f"epoch {epoch}/{cfg.epochs}",
-                       unit="step", dynamic_ncols=True, leave=False)
-            batch_iter = batches.epoch(epoch)
+            bar = tqdm(total=max(0, min(len(batches) - position, total_steps - step)),
+                       desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True, leave=False)
+            batch_iter = batches.epoch(epoch, position)
             while step < total_steps:
                 wait_start = time.perf_counter()
                 x, dropped = next(batch_iter, (None, 0))
                 if x is None:
                     break
                 skipped += dropped
+                position += 1
                 if len(x) < 2:
                     continue
                 step_start = time.perf_counter()
-                row = train_step(nets, optimizers, x, loss_cfg)
+                row = train_step(step_nets, optimizers, x.contiguous(memory_format=memory_format), loss_cfg,
+                                 precision=precision)
                 step += 1
                 now = time.perf_counter()
-                bad = [k for k in ("loss_prior", "loss_llike", "loss_gan") if not math.isfinite(row[k])]
-                if bad:
-                    raise TrainingDiverged(f"training diverged: {bad[0]} became {row[bad[0]]} at step {step}. The last good "
-                                     f"checkpoint is {out / 'checkpoint.pt'} (if an epoch finished); try a lower --lr.")
+                check_finite(row, step, out / "checkpoint.pt")
                 row = {"step": step, "epoch": epoch, **row, "sec_per_step": now - step_start,
                        "data_wait": step_start - wait_start}
                 log.append(row)
@@ -475,54 +628,122 @@ def train(cfg: TrainConfig, preset_line: str = "") -> Path:
                 bar.update(1)
                 bar.set_postfix_str(f"KL {row['loss_prior']:.1f} llike {row['loss_llike']:.1f} "
                                     f"GAN {row['loss_gan']:.2f} D(x) {row['d_real']:.2f}")
-                if step == TIMING_STEPS + 2:
-                    per_step = float(np.median([r["sec_per_step"] + r["data_wait"] for r in log.rows[2:]]))
+                if step == first_step + TIMING_STEPS + 2:
+                    per_step = float(np.median([r["sec_per_step"] + r["data_wait"] for r in epoch_rows[2:]]))
                     tqdm.write(f"measured {per_step:.3f} s/step: an epoch of {len(batches)} steps takes about "
-                               f"{format_duration(per_step * len(batches))}, this run of {total_steps} steps about "
-                               f"{format_duration(per_step * total_steps)}")
+                               f"{format_duration(per_step * len(batches))}, the remaining {total_steps - first_step} "
+                               f"steps about {format_duration(per_step * (total_steps - first_step))}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout)
+                if stop.signum is not None:
+                    save(position)
+                    bar.close()
+                    raise Stopped(stop.signum, f"stopped at step {step} ({signal.Signals(stop.signum).name}); "
+                                  f"checkpoint saved. Continue with: python3 main.py --resume {out}")
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save(position)
             bar.close()
             if not epoch_rows:
                 break
             write_grids(nets, out, f"epoch_{epoch:03d}", fixed_z, heldout)
             utils.plot_metrics(log, out / "plots")
-            log.flush()
-            save_checkpoint(nets, optimizers, cfg, step, epoch, out)
+            save(position)
             print(epoch_summary(epoch, cfg, epoch_rows, time.perf_counter() - epoch_start), flush=True)
             if skipped:
                 print(f"warning: skipped {skipped} unreadable image(s) so far", file=sys.stderr)
             if step >= total_steps:
                 break
     finally:
+        stop.restore()
         log.close()
     print(f"done: {step} steps; grids in {out / 'samples'} and {out / 'reconstructions'}, "
           f"plots in {out / 'plots'}, checkpoint {out / 'checkpoint.pt'}")
     return out
 
 
-def save_checkpoint(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainConfig,
-                    step: int, epoch: int, out: Path) -> None:
-    state = {"config": asdict(cfg), "step": step, "epoch": epoch,
-             **{name: m.state_dict() for name, m in nets.modules().items()},
-             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()}}
-    utils.save_checkpoint(state, out / "checkpoint.pt")
+def check_finite(row: dict[str, float], step: int, checkpoint: Path) -> None:
+    """TrainingDiverged naming the first loss term that is NaN or infinite."""
+    bad = [k for k in ("loss_prior", "loss_llike", "loss_gan", "loss_dec_gan") if not math.isfinite(row[k])]
+    if not bad:
+        return
+    kept = (f"The last good checkpoint {checkpoint} (step {torch.load(checkpoint, weights_only=True)['step']}) is "
+            "untouched; resume from it with" if checkpoint.exists() else "No checkpoint was written yet; try")
+    raise TrainingDiverged(f"training diverged: {bad[0]} became {row[bad[0]]} at step {step}. {kept} a lower --lr "
+                           "or --gamma, and --detect-anomaly to find the operation that produced it.")
+
+
+# Settings a resumed run may change (the flag wins, with a note); every other one is fixed by the checkpoint.
+CHANGEABLE_ON_RESUME = {"data_root", "lr", "rmsprop_alpha", "epochs", "max_steps", "gamma", "real_weight", "gan_loss",
+                        "equilibrium", "margin", "llike_weight", "sample_every", "checkpoint_every", "device",
+                        "num_workers", "detect_anomaly", "amp", "channels_last", "compile"}
+
+
+def explicit_options(argv: list[str]) -> set[str]:
+    """Destinations of the options typed on the command line (not filled in by defaults)."""
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(shadow.parse_args(argv)))
+
+
+def resume_config(state: dict, args: argparse.Namespace, explicit: set[str], device: torch.device,
+                  run_dir: Path) -> TrainConfig:
+    """The checkpoint's config with the changeable flags applied; UsageError for a contradiction."""
+    saved = TrainConfig(**state["config"])
+    given = dict(vars(args))
+    given["equilibrium"] = None if args.no_equilibrium else args.equilibrium
+    explicit = {"equilibrium" if name == "no_equilibrium" else name for name in explicit}
+    changes, conflicts = {"device": str(device), "out": str(run_dir)}, []
+    for name in sorted(explicit & {f.name for f in fields(TrainConfig)}):
+        old, new = getattr(saved, name), given[name]
+        if name == "out":
+            new = str(Path(new).expanduser())
+            old = str(run_dir)
+        if new == old or name in ("device", "overwrite"):
+            continue
+        if name in CHANGEABLE_ON_RESUME:
+            changes[name] = new
+            print(f"note: --{name.replace('_', '-')} {new} replaces the checkpoint's {old}")
+        else:
+            conflicts.append(f"--{name.replace('_', '-')} {new} (the checkpoint has {old})")
+    if conflicts:
+        raise UsageError(f"--resume {run_dir}: {', '.join(conflicts)} contradict(s) the checkpoint, whose values "
+                         "are fixed for the run it continues and win. Leave these flags out to resume, or start a "
+                         "new run with another --out.")
+    cfg = TrainConfig(**{**asdict(saved), **changes})
+    validate(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)
-        cfg, preset_line = resolve_config(args, device)
-        train(cfg, preset_line)
-    except (UsageError, ConfigError, data.DataError) as error:
+        if args.resume:
+            state = utils.load_checkpoint(args.resume)
+            run_dir = utils.checkpoint_path(args.resume).parent
+            cfg = resume_config(state, args, explicit_options(argv), device, run_dir)
+            train(cfg, resume=state)
+        else:
+            cfg, preset_line = resolve_config(args, device)
+            train(cfg, preset_line)
+    except (UsageError, ConfigError, data.DataError, utils.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full or failing disk while writing outputs
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}. Files are written atomically, so the last good "
+              "checkpoint is intact; free space (or fix the disk) and continue with --resume RUN_DIR.", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Stopped as stopped:
+        print(str(stopped), file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted; the last checkpoint (written at each epoch end) is kept.", file=sys.stderr)
+        print("\ninterrupted at once; the last checkpoint on disk is kept.", file=sys.stderr)
         return 130
     return 0
 

@@ -6,6 +6,7 @@ Pure modules: no I/O, no training logic.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,8 @@ class ModelConfig:
             raise ConfigError(f"channels must be 1 (grey) or 3 (RGB), not {self.channels}.")
         if self.latent_dim < 1:
             raise ConfigError(f"latent size {self.latent_dim} gives an empty latent layer; use 1 or more (the paper uses 128).")
-        if not self.width > 0:
-            raise ConfigError(f"width {self.width} must be positive (1.0 is the paper's network, 0.25 a small one).")
+        if not (self.width > 0 and math.isfinite(self.width)):
+            raise ConfigError(f"width {self.width} must be a positive number (1.0 is the paper's network, 0.25 a small one).")
         narrowest = min(ENCODER_WIDTHS + DECODER_WIDTHS + DISCRIMINATOR_WIDTHS)
         if round(narrowest * self.width) < 1:
             raise ConfigError(

@@ -9,6 +9,7 @@ import contextlib
 import csv
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +28,15 @@ METRIC_FIELDS = [
 ]
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~current_umask()  # what open() would give a new file (mkstemp gives 0600)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
@@ -38,6 +48,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield Path(temporary)
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -65,26 +76,92 @@ def write_json(data: dict, path: Path) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
+CHECKPOINT_FORMAT = "vaegan-checkpoint/1"
+CHECKPOINT_KEYS = {"format", "config", "step", "epoch", "epoch_batches", "encoder", "decoder", "discriminator",
+                   "optimizers", "rng", "history"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, damaged or not one of ours; the message says what to do."""
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     """torch.save, atomically: the previous checkpoint stays until the new one is complete."""
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    write_atomic(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+
+
+def checkpoint_path(run_dir_or_file: str | Path) -> Path:
+    path = Path(run_dir_or_file).expanduser()
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def load_checkpoint(run_dir_or_file: str | Path) -> dict:
+    """Read a checkpoint (a run folder or its checkpoint.pt) on the CPU, safely (weights only)."""
+    path = checkpoint_path(run_dir_or_file)
+    if not path.is_file():
+        raise CheckpointError(f"there is no checkpoint at {path}; give a run folder that holds checkpoint.pt "
+                              "(runs write one at every epoch end) or the path of such a file.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, not a zip, pickle of another kind: all unreadable to us
+        raise CheckpointError(f"{path} cannot be read as a checkpoint ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else 'no detail'}); it is truncated or "
+                              "not a checkpoint. Use an intact checkpoint.pt of a run of this tool.") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not CHECKPOINT_KEYS <= state.keys():
+        raise CheckpointError(f"{path} is not a checkpoint of this tool (it lacks the {CHECKPOINT_FORMAT} "
+                              "fields); use the checkpoint.pt that a run of main.py wrote.")
+    return state
+
+
+def rng_state() -> dict:
+    """Every random-number state a run uses: torch (CPU and CUDA), numpy and python."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": [python_state[0], list(python_state[1]), python_state[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 class MetricsLog:
-    """metrics.csv, one row per step, kept in memory too for the plots."""
+    """metrics.csv, one row per step, kept in memory too for the plots and checkpoints.
 
-    def __init__(self, path: Path):
+    Given the `history` of a checkpoint, the file is rewritten to exactly those rows first,
+    so a resumed run continues it without a gap or a repeated step.
+    """
+
+    def __init__(self, path: Path, history: dict[str, list] | None = None):
         self.path = Path(path)
-        self.rows: list[dict[str, float]] = []
-        new = not self.path.exists()
+        columns = history or {name: [] for name in METRIC_FIELDS}
+        self.rows: list[dict[str, float]] = [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                writer.writeheader()
+                writer.writerows(format_row(row) for row in self.rows)
+
+        write_atomic(self.path, write)
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
-        if new:
-            self.writer.writeheader()
+
+    def history(self) -> dict[str, list]:
+        return {name: [row[name] for row in self.rows] for name in METRIC_FIELDS}
 
     def append(self, row: dict[str, float]) -> None:
         self.rows.append(row)
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.writer.writerow(format_row(row))
 
     def flush(self) -> None:
         self.file.flush()
@@ -97,6 +174,10 @@ class MetricsLog:
         return np.array([row[name] for row in self.rows], dtype=float)
 
 
+def format_row(row: dict[str, float]) -> dict[str, str]:
+    return {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in row.items()}
+
+
 def smooth(values: np.ndarray) -> np.ndarray:
     """Trailing moving average over about 2% of the curve (at least 1 point)."""
     window = max(1, len(values) // 50)
@@ -105,11 +186,13 @@ def smooth(values: np.ndarray) -> np.ndarray:
     return (sums[1:] - sums[np.maximum(0, np.arange(1, len(values) + 1) - window)]) / counts
 
 
-def draw_curves(axis: plt.Axes, steps: np.ndarray, curves: dict[str, np.ndarray], ylabel: str) -> None:
-    """Each curve raw (faint) and smoothed (solid), same colour."""
+def draw_curves(axis: plt.Axes, steps: np.ndarray, curves: dict[str, np.ndarray], ylabel: str,
+                raw: bool = True) -> None:
+    """Each curve smoothed (solid) and, if `raw`, as measured (faint), in the same colour."""
     for index, (label, values) in enumerate(curves.items()):
         colour = f"C{index}"
-        axis.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+        if raw:
+            axis.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
         axis.plot(steps, smooth(values), color=colour, linewidth=1.6, label=label)
     axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
@@ -146,7 +229,7 @@ def plot_metrics(log: MetricsLog, plots_dir: Path) -> None:
                                  "D(x_p) prior samples": log.column("d_prior")}, "mean D output")
     outputs.set_ylim(-0.02, 1.02)
     draw_curves(updates, steps, {"discriminator updated": log.column("update_dis"),
-                                 "decoder updated": log.column("update_dec")}, "fraction of steps")
+                                 "decoder updated": log.column("update_dec")}, "fraction of steps", raw=False)
     updates.set_ylim(-0.02, 1.02)
     updates.set_xlabel("step")
     save_figure(figure, plots_dir / "gan_loss.png")

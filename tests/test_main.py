@@ -41,6 +41,7 @@ def test_help_lists_every_option():
     (["--recon-layer", "5"], "out of range"),
     (["--gamma", "2"], "--gamma 2.0 must be in [0, 1]"),
     (["--lr", "-1"], "must be positive"),
+    (["--equilibrium", "nan"], "finite numbers"),
     (["--device", "cuda:7"], "cuda"),
     (["--device", "tpu"], "not a device"),
     (["--dataset", "mnist", "--channels", "3"], "does not fit mnist"),
@@ -80,9 +81,10 @@ def parse(*args):
 def test_auto_preset_on_cpu_is_the_cpu_preset_and_explicit_flags_win():
     cfg, line = parse("--dataset", "mnist")
     assert cfg.preset == "cpu" and "preset cpu (auto on cpu)" in line and "--preset paper" in line
-    assert (cfg.image_size, cfg.width, cfg.gamma, cfg.llike_weight) == tuple(main.PRESETS["cpu"].values())
-    cfg, _ = parse("--preset", "paper", "--gamma", "0.5")
-    assert (cfg.image_size, cfg.width, cfg.gamma) == (64, 1.0, 0.5)
+    assert (cfg.image_size, cfg.width, cfg.epochs) == tuple(main.PRESETS["cpu"].values()) == (32, 0.25, 5)
+    assert (cfg.gamma, cfg.llike_weight) == (1e-5, 1.0)
+    cfg, _ = parse("--preset", "paper", "--epochs", "3", "--width", "0.5")
+    assert (cfg.image_size, cfg.width, cfg.epochs) == (64, 0.5, 3)
     on_gpu, _ = main.resolve_config(main.build_parser().parse_args([]), torch.device("cuda"))
     assert on_gpu.preset == "paper" and on_gpu.image_size == 64
 
@@ -141,3 +143,31 @@ def test_sampling_with_batch_statistics_leaves_running_statistics_alone():
     images = main.decode_with_batch_statistics(nets.decoder, torch.randn(4, 8))
     assert images.shape == (4, 1, 16, 16) and not nets.decoder.training
     assert all(torch.equal(before[k], v) for k, v in nets.decoder.state_dict().items())
+
+
+def test_failed_download_through_the_command_line(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--dataset", "fashion-mnist", "--data-root", str(tmp_path / "data"), "--out", str(out), *TINY)
+    if result.returncode == 0:
+        pytest.skip("the download succeeded: this machine has internet access")
+    assert result.returncode == 2 and "could not download Fashion-MNIST" in result.stderr
+    assert "train-images-idx3-ubyte" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, note", [
+    (["--amp", "bf16"], "autocast to bf16"),
+    (["--amp", "fp16"], "with dynamic loss scaling"),
+    (["--channels-last"], "channels-last memory format"),
+    (["--compile"], "torch.compile"),
+])
+def test_fast_paths_run_on_the_cpu_too(tmp_path, flags, note):
+    out = tmp_path / "run"
+    result = run_cli("--out", str(out), "--max-steps", "3", *TINY, *flags)
+    assert result.returncode == 0, result.stderr
+    assert note in result.stdout
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(r["loss_llike"]) == float(r["loss_llike"]) for r in rows)  # no NaN
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not any(key.startswith("_orig_mod") for key in state["encoder"])  # plain weights, also when compiled

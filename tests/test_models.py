@@ -71,6 +71,7 @@ def test_width_scales_every_hidden_layer():
     (dict(latent_dim=0), "empty latent"),
     (dict(width=0.001), "empty layer"),
     (dict(width=0), "positive"),
+    (dict(width=float("inf")), "positive number"),
     (dict(recon_layer=5), "out of range"),
     (dict(recon_layer=0), "out of range"),
 ])

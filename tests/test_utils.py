@@ -14,6 +14,7 @@ def test_save_grid_writes_a_readable_png(tmp_path):
     with Image.open(tmp_path / "grid.png") as png:
         assert png.size == (8 * 18 + 2, 8 * 18 + 2)  # 8x8 tiles of 16 px with 2 px padding
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
+    assert (tmp_path / "grid.png").stat().st_mode & 0o777 == utils.FILE_MODE  # readable like any new file
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

@@ -1,0 +1,279 @@
+"""Benchmark the training step against a naive step and the machine's matmul rate, in one process.
+
+    python3 bench.py [--image-size 64] [--channels 1] [--width 1.0] [--batch-size 64]
+                     [--device auto] [--steps N] [--json FILE]
+
+Three measurements alternate (A B C A B C ...) after a warm-up, so drift on a noisy
+machine affects all of them alike:
+  project  main.train_step, the step the training loop runs;
+  naive    the same forward pass, then one full backward pass per network's loss with
+           retain_graph and zeroed gradients in between (how most public ports do it),
+           then the three optimizer steps;
+  matmul   a large float32 matrix product (on CUDA also bfloat16): the machine's rate;
+  and, with --amp, --channels-last or --compile, the project's step with that path on,
+  reported as a speed-up over the float32 eager step.
+Both steps update all three networks (equilibrium gate off) so that they do equal work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import losses
+import main
+from models import ModelConfig
+
+ALL_UPDATES = main.LossConfig(gamma=1e-2, equilibrium=None)  # every network updated every step
+
+
+def naive_step(nets: main.Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor,
+               cfg: main.LossConfig, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Same forward as the project's step; each network's loss then gets its own full backward pass."""
+    n = x.shape[0]
+    eps, z_prior = noise if noise is not None else torch.randn(2, n, nets.encoder.mean.out_features, device=x.device)
+    mean, logvar = nets.encoder(x)
+    z = losses.reparameterize(mean, logvar, eps)
+    generated = nets.decoder(torch.cat([z, z_prior]))
+    logits, dis_l = nets.discriminator(torch.cat([x, generated]))
+    loss_prior = losses.kl_divergence(mean, logvar)
+    loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
+    loss_gan = losses.discriminator_loss(logits[:n], logits[n:], cfg.real_weight)
+    loss_dec_gan = losses.decoder_gan_loss(logits[:n], logits[n:], cfg.real_weight, cfg.gan_loss)
+    objectives = {
+        "encoder": loss_prior + cfg.llike_weight * loss_llike,
+        "decoder": cfg.gamma * loss_llike + (1 - cfg.gamma) * loss_dec_gan,
+        "discriminator": loss_gan,
+    }
+    modules = nets.modules()
+    kept = {}
+    for index, (name, loss) in enumerate(objectives.items()):
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=index < len(objectives) - 1)
+        kept[name] = [p.grad for p in modules[name].parameters()]
+    for name, grads in kept.items():
+        for param, grad in zip(modules[name].parameters(), grads):
+            param.grad = grad
+        optimizers[name].step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA max allocated, or on the CPU peak resident growth (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def resident(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    @contextmanager
+    def measure(self) -> Iterator[dict]:
+        result = {"bytes": 0}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            start = torch.cuda.memory_allocated(self.device)
+            yield result
+            result["bytes"] = torch.cuda.max_memory_allocated(self.device) - start
+            return
+        start, peak, done = self.resident(), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], self.resident())
+                time.sleep(0.0005)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield result
+        finally:
+            done.set()
+            thread.join()
+            result["bytes"] = max(0, max(peak[0], self.resident()) - start)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_case(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], int]:
+    size = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    repeats = 20 if device.type == "cuda" else 1
+
+    def run() -> None:
+        for _ in range(repeats):
+            torch.mm(a, b)
+
+    return run, 2 * size**3 * repeats
+
+
+def fast_path_case(model_cfg: ModelConfig, x: torch.Tensor, amp: str = "off", channels_last: bool = False,
+                   compile: bool = False) -> Callable[[], None]:
+    """The project's step with one of the GPU fast paths switched on."""
+    nets = main.build_networks(model_cfg, x.device)
+    optimizers = main.build_optimizers(nets, 3e-4, 0.9)
+    step_nets, precision, notes = main.fast_paths(nets, amp, channels_last, compile, x.device)
+    for note in notes:
+        print(f"{note}", file=sys.stderr)
+    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return lambda: main.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision)
+
+
+def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_size: int = 64,
+          device: str = "auto", steps: int = 5, warmup: int = 1, amp: str = "off",
+          channels_last: bool = False, compile: bool = False) -> dict:
+    """Run the measurements alternately; returns the report as a dict."""
+    dev = main.resolve_device(device)
+    torch.manual_seed(0)
+    model_cfg = ModelConfig(image_size=image_size, channels=channels, width=width)
+    x = torch.rand(batch_size, channels, image_size, image_size, device=dev) * 2 - 1
+    cases: dict[str, dict] = {"project": {"run": fast_path_case(model_cfg, x), "images": batch_size}}
+    nets = main.build_networks(model_cfg, dev)
+    optimizers = main.build_optimizers(nets, 3e-4, 0.9)
+    cases["naive"] = {"run": lambda: naive_step(nets, optimizers, x, ALL_UPDATES), "images": batch_size}
+    fast = {f"project_amp_{amp}": dict(amp=amp)} if amp != "off" else {}
+    if channels_last:
+        fast["project_channels_last"] = dict(channels_last=True)
+    if compile:
+        fast["project_compile"] = dict(compile=True)
+    for name, options in fast.items():
+        cases[name] = {"run": fast_path_case(model_cfg, x, **options), "images": batch_size}
+    matmuls = [("matmul_fp32", torch.float32)] + ([("matmul_bf16", torch.bfloat16)] if dev.type == "cuda" else [])
+    for name, dtype in matmuls:
+        run, flops = matmul_case(dev, dtype)
+        cases[name] = {"run": run, "flops": flops, "images": 0}
+    for name in ("project", "naive"):
+        cases[name]["flops"] = count_flops(cases[name]["run"])
+    for name in fast:  # the same arithmetic as the project's step, in another precision or layout
+        cases[name]["flops"] = cases["project"]["flops"]
+
+    memory = PeakMemory(dev)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    peaks: dict[str, int] = {name: 0 for name in cases}
+    for round_index in range(warmup + steps):
+        for name, case in cases.items():
+            synchronize(dev)
+            with memory.measure() as peak:
+                start = time.perf_counter()
+                case["run"]()
+                synchronize(dev)
+                elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+                peaks[name] = max(peaks[name], peak["bytes"])
+
+    report = {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "config": {"image_size": image_size, "channels": channels, "width": width, "batch_size": batch_size,
+                   "steps": steps, "warmup": warmup},
+        "results": {},
+    }
+    for name, case in cases.items():
+        seconds = statistics.median(times[name])
+        report["results"][name] = {
+            "seconds": seconds,
+            "images_per_second": case["images"] / seconds if case["images"] else None,
+            "flops": case["flops"],
+            "flop_per_second": case["flops"] / seconds,
+            "peak_memory_bytes": peaks[name],
+        }
+    reference = report["results"]["matmul_fp32"]["flop_per_second"]
+    for name in ("project", "naive", *fast):
+        report["results"][name]["share_of_matmul"] = report["results"][name]["flop_per_second"] / reference
+    project_seconds = report["results"]["project"]["seconds"]
+    report["naive_over_project"] = report["results"]["naive"]["seconds"] / project_seconds
+    for name in fast:
+        report["results"][name]["speedup_over_fp32_eager"] = project_seconds / report["results"][name]["seconds"]
+    return report
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def format_report(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        f"{report['device_name']} ({report['device']}, {report['threads']} threads), torch {report['torch']}",
+        f"config: {cfg['channels']}x{cfg['image_size']}x{cfg['image_size']}, width {cfg['width']}, "
+        f"batch {cfg['batch_size']}, median of {cfg['steps']} after {cfg['warmup']} warm-up",
+        f"{'':12} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}",
+    ]
+    for name, r in report["results"].items():
+        images = f"{r['images_per_second']:9.1f}" if r["images_per_second"] else f"{'':9}"
+        share = f"{r['share_of_matmul']:9.0%}" if "share_of_matmul" in r else f"{'':9}"
+        lines.append(f"{name:12} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
+                     f"{r['flop_per_second'] / 1e9:9.1f} {share} {r['peak_memory_bytes'] / 2**20:9.1f}")
+    lines.append(f"naive / project: {report['naive_over_project']:.2f}x")
+    for name, r in report["results"].items():
+        if "speedup_over_fp32_eager" in r:
+            lines.append(f"{name} / project (fp32 eager): {r['speedup_over_fp32_eager']:.2f}x faster")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3))
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--amp", default="off", choices=main.AMP_DTYPES, help="also time the step in this precision")
+    p.add_argument("--channels-last", action="store_true", help="also time the step in NHWC memory format")
+    p.add_argument("--compile", action="store_true", help="also time the step with torch.compile")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    return p.parse_args(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
+            raise main.UsageError("--batch-size must be at least 2, --steps at least 1 and --warmup at least 0.")
+        report = bench(args.image_size, args.channels, args.width, args.batch_size, args.device, args.steps,
+                       args.warmup, args.amp, args.channels_last, args.compile)
+    except (main.UsageError, main.ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
