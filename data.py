@@ -253,6 +253,20 @@ def load_celeba(root: Path, image_size: int, **_: object) -> Splits:
                   ImageFiles(splits["2"], 3, image_size, CELEBA_CROP), channels=3)
 
 
+def celeba_attributes(root: Path, files: list[Path]) -> tuple[list[str], torch.Tensor, list[int]]:
+    """CelebA's 40 attribute names, a (N, 40) boolean tensor, and which of `files` they label."""
+    path = root / "celeba" / "list_attr_celeba.txt"
+    try:
+        lines = path.read_text().split("\n")
+        names = lines[1].split()
+        table = {parts[0]: [value == "1" for value in parts[1:]] for parts in (line.split() for line in lines[2:]) if parts}
+    except (OSError, IndexError) as error:
+        raise DataError(f"cannot read CelebA's attribute list {path} ({error}); put list_attr_celeba.txt from the "
+                        "CelebA website's 'Anno' folder there.") from None
+    keep = [i for i, f in enumerate(files) if f.name in table]
+    return names, torch.tensor([table[files[i].name] for i in keep]), keep
+
+
 def load_folder(root: Path, image_size: int, channels: int, **_: object) -> Splits:
     if not root.is_dir():
         raise DataError(f"the image folder {root} does not exist; point --data-root at a folder of images "

@@ -29,6 +29,14 @@ def feature_nll(dis_l_recon: torch.Tensor, dis_l_real: torch.Tensor) -> torch.Te
     return 0.5 * (dis_l_recon - dis_l_real).pow(2).flatten(1).sum(1).mean()
 
 
+def pixel_nll(recon: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Element-wise L_llike^pixel (paper Eq. 2) of the plain VAE: -log N(x | x~, I) up to a constant.
+
+    0.5 * sum over pixels of (x~ - x)^2, mean over the batch.
+    """
+    return 0.5 * (recon - real).pow(2).flatten(1).sum(1).mean()
+
+
 def bce_real(logits_real: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy of the discriminator on real images (label 1)."""
     return F.binary_cross_entropy_with_logits(logits_real, torch.ones_like(logits_real))

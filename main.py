@@ -60,12 +60,14 @@ class LossConfig:
     equilibrium: float | None = 0.68  # None: always update both
     margin: float = 0.35
     llike_weight: float = 1.0         # encoder: L_prior + llike_weight * L_llike
+    model: str = "vaegan"             # which objectives: see MODELS
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a run, resolved (config.json holds this)."""
     dataset: str = "mnist"
+    model: str = "vaegan"
     data_root: str = "./data"
     out: str = ""
     preset: str = "auto"
@@ -96,11 +98,12 @@ class TrainConfig:
     num_workers: int = 2
     overwrite: bool = False
 
-    def model(self) -> ModelConfig:
+    def model_config(self) -> ModelConfig:
         return ModelConfig(self.image_size, self.channels, self.latent_dim, self.width, self.recon_layer)
 
-    def loss(self) -> LossConfig:
-        return LossConfig(self.gamma, self.real_weight, self.gan_loss, self.equilibrium, self.margin, self.llike_weight)
+    def loss_config(self) -> LossConfig:
+        return LossConfig(self.gamma, self.real_weight, self.gan_loss, self.equilibrium, self.margin,
+                          self.llike_weight, self.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="main.py",
         description="Train a VAE/GAN (Larsen et al. 2016) and write sample grids, reconstruction grids, "
                     "loss plots, metrics.csv and a checkpoint.",
+        epilog="Training is the default (`main.py train ...` is the same). On a trained checkpoint: "
+               "main.py sample|reconstruct|interpolate|attributes|evaluate --checkpoint RUN_DIR ... "
+               "(each has its own --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     preset_help = "values from --preset"
@@ -118,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels", type=int, choices=(1, 3), help="1 or 3; only for --dataset folder (default 3)")
     g.add_argument("--num-workers", type=int, default=2, help="loader processes for file datasets")
     g = p.add_argument_group("model")
+    g.add_argument("--model", default="vaegan", choices=list(MODELS),
+                   help="vaegan (the paper), or a baseline: vae (pixel error), vae-disl (Dis_l error, no GAN "
+                        "gradient to the decoder), gan (no encoder)")
     g.add_argument("--preset", default="auto", choices=("auto", "paper", "cpu"),
                    help="auto: paper on CUDA/MPS, cpu on a CPU; explicit flags always win")
     g.add_argument("--latent-dim", type=int, default=128, help="size of z")
@@ -202,7 +211,7 @@ def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[Trai
 
 def validate(cfg: TrainConfig) -> None:
     """UsageError for values the networks or losses cannot use."""
-    cfg.model()  # raises ConfigError for sizes, widths and layers
+    cfg.model_config()  # raises ConfigError for sizes, widths and layers
     checks = [
         (cfg.batch_size >= 2, f"--batch-size {cfg.batch_size} is too small: BatchNorm needs at least 2 images per batch (the paper uses 64)."),
         (cfg.lr > 0, f"--lr {cfg.lr} must be positive (the paper uses 3e-4)."),
@@ -229,14 +238,24 @@ def validate(cfg: TrainConfig) -> None:
 # The training step (Algorithm 1)
 # ---------------------------------------------------------------------------
 
+MODELS = {  # --model: the networks it owns (only these are built, saved and updated)
+    "vaegan": ("encoder", "decoder", "discriminator"),   # the paper's method
+    "vae": ("encoder", "decoder"),                       # element-wise (pixel) reconstruction error
+    "vae-disl": ("encoder", "decoder", "discriminator"), # Dis_l error, but no GAN gradient to the decoder
+    "gan": ("decoder", "discriminator"),                 # the decoder as a plain GAN generator
+}
+
+
 @dataclass
 class Networks:
-    encoder: Encoder
     decoder: Decoder
-    discriminator: Discriminator
+    encoder: Encoder | None = None
+    discriminator: Discriminator | None = None
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.discriminator}
+        """The networks present, by name, in a fixed order."""
+        named = {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.discriminator}
+        return {name: module for name, module in named.items() if module is not None}
 
 
 @dataclass
@@ -256,8 +275,10 @@ class Precision:
 FLOAT32 = Precision()
 
 
-def build_networks(cfg: ModelConfig, device: torch.device | str = "cpu") -> Networks:
-    return Networks(Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
+def build_networks(cfg: ModelConfig, device: torch.device | str = "cpu", model: str = "vaegan") -> Networks:
+    """The networks that `model` owns."""
+    classes = {"encoder": Encoder, "decoder": Decoder, "discriminator": Discriminator}
+    return Networks(**{name: classes[name](cfg).to(device) for name in MODELS[model]})
 
 
 def build_optimizers(nets: Networks, lr: float, alpha: float) -> dict[str, torch.optim.Optimizer]:
@@ -288,7 +309,7 @@ def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool,
     if compile:
         from torch import _dynamo
         _dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
-        step_nets = Networks(*(torch.compile(m) for m in nets.modules().values()))
+        step_nets = Networks(**{name: torch.compile(m) for name, m in nets.modules().items()})
         notes.append("torch.compile: the first steps are slow while the networks compile")
     return step_nets, Precision(dtype, scaler), notes
 
@@ -314,72 +335,120 @@ def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
                       precision: Precision = FLOAT32) -> dict[str, torch.Tensor]:
     """One forward pass, then set each network's .grad from its own loss (None if not updated).
 
-    Encoder       <- grad(L_prior + llike_weight * L_llike)
-    Decoder       <- grad(gamma * L_llike + (1 - gamma) * decoder GAN term)   if the gate allows
-    Discriminator <- grad(L_GAN)                                              if the gate allows
     `noise` = (eps for the reparameterisation, z_p for prior samples); drawn if None.
     With a loss scaler the gradients are those of the scaled losses (the scaler unscales them).
-    Returns the step's statistics as 0-d tensors.
+    Returns the step's statistics as 0-d tensors (NaN for what the model does not have).
     """
-    n = x.shape[0]
-    enc_params, dec_params, dis_params = (list(m.parameters()) for m in nets.modules().values())
-    set_grads(enc_params + dec_params + dis_params, None)  # free the last step's gradients first
-    eps, z_prior = noise if noise is not None else torch.randn(2, n, nets.encoder.mean.out_features, device=x.device)
+    for module in nets.modules().values():
+        module.zero_grad(set_to_none=True)  # free the last step's gradients first
+    eps, z_prior = noise if noise is not None else torch.randn(2, len(x), nets.decoder.latent_dim, device=x.device)
+    if cfg.model == "vae":
+        return vae_gradients(nets, x, eps, precision)
+    return adversarial_gradients(nets, x, cfg, eps, z_prior, precision)
 
+
+def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
+    """The plain VAE: encoder <- grad(L_prior + L_llike^pixel), decoder <- grad(L_llike^pixel)."""
     with precision.autocast(x.device.type):
-        mean, logvar = nets.encoder(x)                                    # (n, latent) each
-        z = losses.reparameterize(mean, logvar, eps)
-        generated = nets.decoder(torch.cat([z, z_prior]))                 # (2n, C, S, S): x~ then x_p
+        mean, logvar = nets.encoder(x)
+        recon = nets.decoder(losses.reparameterize(mean, logvar, eps))
+    loss_prior = losses.kl_divergence(at_least_float32(mean), at_least_float32(logvar))
+    loss_llike = losses.pixel_nll(at_least_float32(recon), x)
+    params = [p for m in nets.modules().values() for p in m.parameters()]
+    # L_prior does not depend on the decoder, so one backward pass gives each network its own loss's gradient.
+    set_grads(params, torch.autograd.grad(precision.scaled(loss_prior + loss_llike), params))
+    nan = torch.tensor(math.nan)
+    with torch.no_grad():
+        return {"loss_prior": loss_prior, "loss_llike": loss_llike, "loss_gan": nan, "loss_dec_gan": nan,
+                "bce_real": nan, "bce_fake": nan, "d_real": nan, "d_recon": nan, "d_prior": nan,
+                "recon_mse": (recon.float() - x).pow(2).mean(), "update_dis": nan, "update_dec": torch.tensor(1.0)}
+
+
+def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps: torch.Tensor,
+                          z_prior: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
+    """The models with a discriminator (Algorithm 1 for vaegan):
+
+    Encoder       <- grad(L_prior + llike_weight * L_llike)                  (vaegan, vae-disl)
+    Decoder       <- grad(gamma * L_llike + (1 - gamma) * decoder GAN term)  (vaegan; if the gate allows)
+                     grad(L_llike)                                            (vae-disl: no GAN gradient, no gate)
+                     grad(decoder GAN term)                                   (gan; if the gate allows)
+    Discriminator <- grad(L_GAN)                                              (if the gate allows)
+    """
+    n = len(x)
+    has_encoder = nets.encoder is not None
+    dec_llike_weight, dec_gan_weight = {"vaegan": (cfg.gamma, 1.0 - cfg.gamma), "vae-disl": (1.0, 0.0),
+                                        "gan": (0.0, 1.0)}[cfg.model]
+    with precision.autocast(x.device.type):
+        if has_encoder:
+            mean, logvar = nets.encoder(x)                                # (n, latent) each
+            codes = torch.cat([losses.reparameterize(mean, logvar, eps), z_prior])
+        else:
+            codes = z_prior
+        generated = nets.decoder(codes)                                   # (2n or n, C, S, S): [x~,] x_p
         generated_in = generated.detach().requires_grad_()                # routes image gradients by hand
-        logits, dis_l = nets.discriminator(torch.cat([x, generated_in]))  # one pass over x, x~, x_p
-    # Losses in float32 at least, whatever the autocast dtype.
-    mean, logvar, logits, dis_l = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (mean, logvar, logits, dis_l))
+        logits, dis_l = nets.discriminator(torch.cat([x, generated_in]))  # one pass over x, [x~,] x_p
+    logits, dis_l = at_least_float32(logits), at_least_float32(dis_l)
     logits_real, logits_fake = logits[:n], logits[n:]
 
-    loss_prior = losses.kl_divergence(mean, logvar)
-    loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
     loss_gan = losses.discriminator_loss(logits_real, logits_fake, cfg.real_weight)
     loss_dec_gan = losses.decoder_gan_loss(logits_real, logits_fake, cfg.real_weight, cfg.gan_loss)
     with torch.no_grad():
         bce = torch.stack([losses.bce_real(logits_real), losses.bce_fake(logits_fake)]).tolist()
-    update_dis, update_dec = equilibrium_gate(*bce, cfg)
+    if cfg.model == "vae-disl":
+        update_dis = update_dec = True  # no GAN game to balance: the discriminator simply trains on L_GAN
+    else:
+        update_dis, update_dec = equilibrium_gate(*bce, cfg)
 
     # Discriminator <- grad L_GAN. For the minimax loss the decoder's GAN term is -L_GAN, so the
     # same backward pass also yields its image gradient.
-    reuse = update_dis and update_dec and cfg.gan_loss == "minimax"
+    needs_gan_images = update_dec and dec_gan_weight > 0
+    reuse = update_dis and needs_gan_images and cfg.gan_loss == "minimax"
     grad_gan_images = None
     if update_dis:
+        dis_params = list(nets.discriminator.parameters())
         inputs = dis_params + [generated_in] if reuse else dis_params
         grads = torch.autograd.grad(precision.scaled(loss_gan), inputs, retain_graph=True)
         set_grads(dis_params, grads[:len(dis_params)])
         grad_gan_images = -grads[-1] if reuse else None
-    else:
-        set_grads(dis_params, None)
-    if update_dec and grad_gan_images is None:
-        grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated_in, retain_graph=True)
-    # Image gradient of L_llike: through the discriminator, which it must not train.
-    grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated_in)
+    if needs_gan_images and grad_gan_images is None:
+        grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated_in, retain_graph=has_encoder)
+    upstream = dec_gan_weight * grad_gan_images if needs_gan_images else torch.zeros_like(generated_in)
 
-    # Decoder <- grad(gamma * L_llike + (1 - gamma) * GAN term), through the generated images.
+    stats = {"loss_prior": torch.tensor(math.nan), "loss_llike": torch.tensor(math.nan)}
+    if has_encoder:
+        loss_prior = losses.kl_divergence(at_least_float32(mean), at_least_float32(logvar))
+        loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
+        stats = {"loss_prior": loss_prior, "loss_llike": loss_llike}
+        # Image gradient of L_llike: through the discriminator, which it must not train.
+        grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated_in)
+        upstream = upstream + dec_llike_weight * grad_llike_images
+    # Decoder <- its objective, through the generated images.
     if update_dec:
-        upstream = cfg.gamma * grad_llike_images + (1.0 - cfg.gamma) * grad_gan_images
-        set_grads(dec_params, torch.autograd.grad(generated, dec_params, upstream.to(generated.dtype), retain_graph=True))
-    else:
-        set_grads(dec_params, None)
+        dec_params = list(nets.decoder.parameters())
+        set_grads(dec_params, torch.autograd.grad(generated, dec_params, upstream.to(generated.dtype),
+                                                  retain_graph=has_encoder))
     # Encoder <- grad(L_prior + llike_weight * L_llike): L_llike reaches it through the decoder, no GAN term does.
-    set_grads(enc_params, torch.autograd.grad([precision.scaled(loss_prior), generated], enc_params,
-                                              [torch.ones_like(loss_prior),
-                                               (cfg.llike_weight * grad_llike_images).to(generated.dtype)]))
+    if has_encoder:
+        enc_params = list(nets.encoder.parameters())
+        set_grads(enc_params, torch.autograd.grad([precision.scaled(loss_prior), generated], enc_params,
+                                                  [torch.ones_like(loss_prior),
+                                                   (cfg.llike_weight * grad_llike_images).to(generated.dtype)]))
 
     with torch.no_grad():
         probability = torch.sigmoid(logits)
+        recon, prior = (probability[n:2 * n], probability[2 * n:]) if has_encoder else (probability[:0], probability[n:])
         return {
-            "loss_prior": loss_prior, "loss_llike": loss_llike, "loss_gan": loss_gan, "loss_dec_gan": loss_dec_gan,
+            **stats, "loss_gan": loss_gan, "loss_dec_gan": loss_dec_gan,
             "bce_real": torch.tensor(bce[0]), "bce_fake": torch.tensor(bce[1]),
-            "d_real": probability[:n].mean(), "d_recon": probability[n:2 * n].mean(), "d_prior": probability[2 * n:].mean(),
-            "recon_mse": (generated[:n] - x).pow(2).mean(),
+            "d_real": probability[:n].mean(), "d_recon": recon.mean(), "d_prior": prior.mean(),
+            "recon_mse": (generated[:n].float() - x).pow(2).mean() if has_encoder else torch.tensor(math.nan),
             "update_dis": torch.tensor(float(update_dis)), "update_dec": torch.tensor(float(update_dec)),
         }
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in float32 at least, whatever the autocast dtype."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def train_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, cfg: LossConfig,
@@ -464,7 +533,7 @@ def seed_everything(seed: int) -> None:
 
 def write_grids(nets: Networks, out: Path, tag: str, fixed_z: torch.Tensor, heldout: torch.Tensor) -> None:
     utils.save_grid(decode_with_batch_statistics(nets.decoder, fixed_z), out / "samples" / f"{tag}.png")
-    if len(heldout):
+    if len(heldout) and nets.encoder is not None:
         pairs = utils.interleave(heldout, reconstruct(nets, heldout))
         utils.save_grid(pairs, out / "reconstructions" / f"{tag}.png")
 
@@ -478,13 +547,19 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+BAR_FIELDS = [("loss_prior", "KL", ".1f"), ("loss_llike", "llike", ".1f"), ("loss_gan", "GAN", ".2f"),
+              ("d_real", "D(x)", ".2f")]
+SUMMARY_FIELDS = [("loss_prior", "L_prior", ".2f"), ("loss_llike", "L_llike", ".2f"), ("loss_gan", "L_GAN", ".3f"),
+                  ("recon_mse", "pixel MSE", ".4f"), ("d_real", "D(x)", ".2f"), ("d_recon", "D(x~)", ".2f"),
+                  ("d_prior", "D(x_p)", ".2f"), ("update_dis", "D updated", ".0%"), ("update_dec", "Dec updated", ".0%")]
+
+
 def epoch_summary(epoch: int, cfg: TrainConfig, rows: list[dict[str, float]], seconds: float) -> str:
+    """One line: steps, time and the epoch's mean of each figure the model has."""
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    figures = " ".join(f"{label} {mean[key]:{spec}}" for key, label, spec in SUMMARY_FIELDS if math.isfinite(mean[key]))
     return (f"epoch {epoch}/{cfg.epochs}: {len(rows)} steps in {format_duration(seconds)} "
-            f"({seconds / len(rows):.3f} s/step) | L_prior {mean['loss_prior']:.2f} L_llike {mean['loss_llike']:.2f} "
-            f"L_GAN {mean['loss_gan']:.3f} pixel MSE {mean['recon_mse']:.4f} | D(x) {mean['d_real']:.2f} "
-            f"D(x~) {mean['d_recon']:.2f} D(x_p) {mean['d_prior']:.2f} | updated: D {mean['update_dis']:.0%} "
-            f"Dec {mean['update_dec']:.0%}")
+            f"({seconds / len(rows):.3f} s/step) | {figures}")
 
 
 class StopRequest:
@@ -530,6 +605,9 @@ def checkpoint_state(nets: Networks, optimizers: dict[str, torch.optim.Optimizer
 def load_networks(state: dict, nets: Networks) -> None:
     """Load a checkpoint's weights; CheckpointError if they were made for another model."""
     for name, module in nets.modules().items():
+        if name not in state:
+            raise utils.CheckpointError(f"the checkpoint holds no {name}, which its model needs; it is damaged or "
+                                        "edited. Use a checkpoint written by this tool.")
         try:
             module.load_state_dict(state[name])
         except RuntimeError as error:
@@ -549,8 +627,8 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -
                          f"{cfg.batch_size}; lower --batch-size or add images.")
     out = prepare_out_dir(cfg, resuming=resume is not None)
     seed_everything(cfg.seed)
-    model_cfg, loss_cfg = cfg.model(), cfg.loss()
-    nets = build_networks(model_cfg, device)
+    model_cfg, loss_cfg = cfg.model_config(), cfg.loss_config()
+    nets = build_networks(model_cfg, device, cfg.model)
     optimizers = build_optimizers(nets, cfg.lr, cfg.rmsprop_alpha)
     step_nets, precision, fast_path_notes = fast_paths(nets, cfg.amp, cfg.channels_last, cfg.compile, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -620,14 +698,14 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -
                                  precision=precision)
                 step += 1
                 now = time.perf_counter()
-                check_finite(row, step, out / "checkpoint.pt")
+                check_finite(row, cfg.model, step, out / "checkpoint.pt")
                 row = {"step": step, "epoch": epoch, **row, "sec_per_step": now - step_start,
                        "data_wait": step_start - wait_start}
                 log.append(row)
                 epoch_rows.append(row)
                 bar.update(1)
-                bar.set_postfix_str(f"KL {row['loss_prior']:.1f} llike {row['loss_llike']:.1f} "
-                                    f"GAN {row['loss_gan']:.2f} D(x) {row['d_real']:.2f}")
+                bar.set_postfix_str(" ".join(f"{label} {row[key]:{spec}}" for key, label, spec in BAR_FIELDS
+                                             if math.isfinite(row[key])))
                 if step == first_step + TIMING_STEPS + 2:
                     per_step = float(np.median([r["sec_per_step"] + r["data_wait"] for r in epoch_rows[2:]]))
                     tqdm.write(f"measured {per_step:.3f} s/step: an epoch of {len(batches)} steps takes about "
@@ -661,9 +739,13 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -
     return out
 
 
-def check_finite(row: dict[str, float], step: int, checkpoint: Path) -> None:
+LOSS_TERMS = {"vaegan": ("loss_prior", "loss_llike", "loss_gan", "loss_dec_gan"), "vae": ("loss_prior", "loss_llike"),
+              "vae-disl": ("loss_prior", "loss_llike", "loss_gan"), "gan": ("loss_gan", "loss_dec_gan")}
+
+
+def check_finite(row: dict[str, float], model: str, step: int, checkpoint: Path) -> None:
     """TrainingDiverged naming the first loss term that is NaN or infinite."""
-    bad = [k for k in ("loss_prior", "loss_llike", "loss_gan", "loss_dec_gan") if not math.isfinite(row[k])]
+    bad = [k for k in LOSS_TERMS[model] if not math.isfinite(row[k])]
     if not bad:
         return
     kept = (f"The last good checkpoint {checkpoint} (step {torch.load(checkpoint, weights_only=True)['step']}) is "
@@ -715,8 +797,29 @@ def resume_config(state: dict, args: argparse.Namespace, explicit: set[str], dev
     return cfg
 
 
+COMMANDS = ("train", "sample", "reconstruct", "interpolate", "attributes", "evaluate")
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """The sub-commands that work on a trained checkpoint; 2 for bad input."""
+    import evaluate
+    import latent
+    try:
+        written = evaluate.run(argv) if command == "evaluate" else latent.run_command(command, argv)
+    except (UsageError, ConfigError, data.DataError, utils.CheckpointError, latent.CommandError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS[1:]:
+        return run_command(argv[0], argv[1:])
+    if argv and argv[0] == "train":
+        argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
         device = resolve_device(args.device)

@@ -106,6 +106,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.latent_dim = cfg.latent_dim
         c0, c1, c2, c3 = (cfg.scaled(u) for u in DECODER_WIDTHS)
         side = cfg.bottom_size
         self.net = nn.Sequential(

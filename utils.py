@@ -72,13 +72,21 @@ def interleave(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.
     return torch.stack([originals.cpu(), reconstructions.cpu()], dim=1).flatten(0, 1)
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Compressed .npz of named arrays, atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy would add .npz to the temporary name
+            np.savez_compressed(f, **arrays)
+
+    write_atomic(path, write)
+
+
 def write_json(data: dict, path: Path) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
 
 CHECKPOINT_FORMAT = "vaegan-checkpoint/1"
-CHECKPOINT_KEYS = {"format", "config", "step", "epoch", "epoch_batches", "encoder", "decoder", "discriminator",
-                   "optimizers", "rng", "history"}
+CHECKPOINT_KEYS = {"format", "config", "step", "epoch", "epoch_batches", "decoder", "optimizers", "rng", "history"}
 
 
 class CheckpointError(Exception):
@@ -206,22 +214,32 @@ def save_figure(figure: plt.Figure, path: Path) -> None:
 
 
 def plot_metrics(log: MetricsLog, plots_dir: Path) -> None:
-    """Redraw kl_divergence.png, recon_loss.png and gan_loss.png from the whole history."""
+    """Redraw kl_divergence.png and recon_loss.png (models with an encoder) and gan_loss.png
+    (models with a discriminator) from the whole history."""
     if not log.rows:
         return
     steps = log.column("step")
+    has = {name: bool(np.isfinite(log.column(name)).any()) for name in ("loss_prior", "loss_gan")}
+    if has["loss_prior"]:
+        plot_vae_terms(log, steps, plots_dir)
+    if has["loss_gan"]:
+        plot_gan_terms(log, steps, plots_dir)
 
+
+def plot_vae_terms(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 3.5))
     draw_curves(axis, steps, {"L_prior = KL(q(z|x) || p(z))": log.column("loss_prior")}, "nats per image")
     axis.set_xlabel("step")
     save_figure(figure, plots_dir / "kl_divergence.png")
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    draw_curves(top, steps, {"L_llike (Dis_l feature error)": log.column("loss_llike")}, "per image")
+    draw_curves(top, steps, {"L_llike (the model's reconstruction error)": log.column("loss_llike")}, "per image")
     draw_curves(bottom, steps, {"pixel MSE of reconstructions": log.column("recon_mse")}, "per pixel, [-1, 1] scale")
     bottom.set_xlabel("step")
     save_figure(figure, plots_dir / "recon_loss.png")
 
+
+def plot_gan_terms(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
     figure, (losses, outputs, updates) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
     draw_curves(losses, steps, {"discriminator: L_GAN": log.column("loss_gan"),
                                 "decoder: GAN term": log.column("loss_dec_gan")}, "loss")

@@ -41,3 +41,16 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def writable_mnist_root(tmp_path_factory) -> Path:
+    """A writable data root whose MNIST is the real one (../shared/data is read-only in CI),
+    so the evaluation classifier can be cached beside it once per test session."""
+    location = os.environ.get("VAEGAN_DATA")
+    if not location or not (Path(location) / "MNIST" / "raw").is_dir():
+        pytest.skip("VAEGAN_DATA is not set to a folder holding MNIST/raw (e.g. ../shared/data)")
+    root = tmp_path_factory.mktemp("data")
+    (root / "MNIST").mkdir()
+    (root / "MNIST" / "raw").symlink_to(Path(location).resolve() / "MNIST" / "raw")
+    return root

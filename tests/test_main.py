@@ -171,3 +171,44 @@ def test_fast_paths_run_on_the_cpu_too(tmp_path, flags, note):
     assert len(rows) == 3 and all(float(r["loss_llike"]) == float(r["loss_llike"]) for r in rows)  # no NaN
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in state["encoder"])  # plain weights, also when compiled
+
+
+@pytest.mark.parametrize("model", list(main.MODELS))
+def test_each_model_builds_and_updates_only_its_own_networks(model):
+    torch.manual_seed(0)
+    nets = main.build_networks(main.ModelConfig(image_size=16, width=0.125, latent_dim=8), "cpu", model)
+    assert tuple(nets.modules()) == main.MODELS[model]
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in nets.modules().items()}
+    stats = main.train_step(nets, main.build_optimizers(nets, 1e-3, 0.9), torch.rand(8, 1, 16, 16) * 2 - 1,
+                            main.LossConfig(model=model, equilibrium=None))
+    for name, module in nets.modules().items():
+        assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before[name])), name
+    terms = main.LOSS_TERMS[model]
+    assert all(stats[k] == stats[k] for k in terms)  # the model's own terms are numbers, not NaN
+
+
+@pytest.mark.parametrize("model", ["vae", "vae-disl", "gan"])
+def test_each_model_trains_from_the_command_line_and_saves_only_its_networks(tmp_path, model):
+    out = tmp_path / "run"
+    result = run_cli("--model", model, "--out", str(out), "--max-steps", "3", *TINY)
+    assert result.returncode == 0, result.stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    owned = set(main.MODELS[model])
+    assert {k for k in ("encoder", "decoder", "discriminator") if k in state} == owned == set(state["optimizers"])
+    assert (out / "samples" / "epoch_001.png").exists()
+    assert (out / "reconstructions" / "epoch_001.png").exists() == ("encoder" in owned)
+    assert (out / "plots" / "gan_loss.png").exists() == ("discriminator" in owned)
+    assert (out / "plots" / "kl_divergence.png").exists() == ("encoder" in owned)
+
+
+@pytest.mark.parametrize("case, words", [("empty", "holds no images"), ("all corrupt", "could be read")])
+def test_unusable_image_folder_through_the_command_line(tmp_path, case, words):
+    images = tmp_path / "images"
+    images.mkdir()
+    if case == "all corrupt":
+        for i in range(3):
+            (images / f"{i}.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "run"
+    result = run_cli("--dataset", "folder", "--data-root", str(images), "--out", str(out), *TINY)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

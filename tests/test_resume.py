@@ -134,7 +134,7 @@ def test_a_fresh_process_reproduces_the_sample_grid(finished_run, tmp_path):
         "import sys, torch, main, utils\n"
         "state = utils.load_checkpoint(sys.argv[1])\n"
         "cfg = main.TrainConfig(**state['config'])\n"
-        "nets = main.build_networks(cfg.model())\n"
+        "nets = main.build_networks(cfg.model_config(), 'cpu', cfg.model)\n"
         "main.load_networks(state, nets)\n"
         "z = torch.randn(main.SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))\n"
         "utils.save_grid(main.decode_with_batch_statistics(nets.decoder, z), sys.argv[2])\n"

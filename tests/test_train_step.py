@@ -21,18 +21,24 @@ def reference_gradients(nets, x, cfg, noise, bug=None):
     """Each network's gradient from its own loss, computed plainly (no routing tricks)."""
     eps, z_prior = noise
     n = len(x)
-    mean, logvar = nets.encoder(x)
-    z = mean + torch.exp(0.5 * logvar) * eps
-    generated = nets.decoder(torch.cat([z, z_prior]))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    if nets.encoder is not None:
+        mean, logvar = nets.encoder(x)
+        z = mean + torch.exp(0.5 * logvar) * eps
+        l_prior = (-0.5 * (1 + logvar - mean**2 - logvar.exp()).sum(1)).mean()
+    if cfg.model == "vae":
+        recon = nets.decoder(z)
+        l_pixel = (0.5 * ((recon - x) ** 2).flatten(1).sum(1)).mean()
+        return {"encoder": torch.autograd.grad(l_prior + l_pixel, list(nets.encoder.parameters()), retain_graph=True),
+                "decoder": torch.autograd.grad(l_pixel, list(nets.decoder.parameters()))}
+
+    generated = nets.decoder(torch.cat([z, z_prior]) if nets.encoder is not None else z_prior)
     logits, dis_l = nets.discriminator(torch.cat([x, generated]))
     real, fake = logits[:n], logits[n:]
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
     bce_real = bce(real, torch.ones_like(real))
     bce_fake = bce(fake, torch.zeros_like(fake))
     if bug == "drop reconstructions from the fakes":
         bce_fake = bce(fake[n:], torch.zeros_like(fake[n:]))
-    l_prior = (-0.5 * (1 + logvar - mean**2 - logvar.exp()).sum(1)).mean()
-    l_llike = (0.5 * ((dis_l[n:2 * n] - dis_l[:n]) ** 2).sum(1)).mean()
     l_gan = cfg.real_weight * bce_real + (1 - cfg.real_weight) * bce_fake
     if cfg.gan_loss == "minimax":
         dec_gan = -l_gan
@@ -40,27 +46,28 @@ def reference_gradients(nets, x, cfg, noise, bug=None):
         dec_gan = (1 - cfg.real_weight) * bce(fake, torch.ones_like(fake))
     if bug == "decoder helps the discriminator":
         dec_gan = l_gan
-    enc_loss = l_prior + cfg.llike_weight * l_llike
-    if bug == "GAN gradient into the encoder":
-        enc_loss = enc_loss + (1 - cfg.gamma) * dec_gan
-    dec_loss = cfg.gamma * l_llike + (1 - cfg.gamma) * dec_gan
-    dis_loss = l_gan + l_llike if bug == "L_llike into the discriminator" else l_gan
+    losses = {"discriminator": l_gan}
+    if nets.encoder is not None:
+        l_llike = (0.5 * ((dis_l[n:2 * n] - dis_l[:n]) ** 2).sum(1)).mean()
+        losses["encoder"] = l_prior + cfg.llike_weight * l_llike
+        if bug == "GAN gradient into the encoder":
+            losses["encoder"] = losses["encoder"] + (1 - cfg.gamma) * dec_gan
+        if bug == "L_llike into the discriminator":
+            losses["discriminator"] = l_gan + l_llike
+    losses["decoder"] = {"vaegan": lambda: cfg.gamma * l_llike + (1 - cfg.gamma) * dec_gan,
+                         "vae-disl": lambda: l_llike, "gan": lambda: dec_gan}[cfg.model]()
 
-    # The equilibrium rule, written out.
-    update_dis = update_dec = True
-    if cfg.equilibrium is not None:
+    # The equilibrium rule, written out; vae-disl has no GAN game to balance, so no gate.
+    update = {"encoder": True, "decoder": True, "discriminator": True}
+    if cfg.equilibrium is not None and cfg.model != "vae-disl":
         low, high = cfg.equilibrium - cfg.margin, cfg.equilibrium + cfg.margin
-        update_dis = bce_real.item() >= low and bce_fake.item() >= low
-        update_dec = bce_real.item() <= high and bce_fake.item() <= high
-        if not update_dis and not update_dec:
-            update_dis = update_dec = True
+        update["discriminator"] = bce_real.item() >= low and bce_fake.item() >= low
+        update["decoder"] = bce_real.item() <= high and bce_fake.item() <= high
+        if not update["discriminator"] and not update["decoder"]:
+            update["discriminator"] = update["decoder"] = True
 
-    grads = {}
-    for name, loss, update in (("encoder", enc_loss, True), ("decoder", dec_loss, update_dec),
-                               ("discriminator", dis_loss, update_dis)):
-        params = list(getattr(nets, name).parameters())
-        grads[name] = torch.autograd.grad(loss, params, retain_graph=True) if update else None
-    return grads
+    return {name: torch.autograd.grad(loss, list(getattr(nets, name).parameters()), retain_graph=True)
+            if update[name] else None for name, loss in losses.items()}
 
 
 def project_gradients(nets, x, cfg, noise):
@@ -83,9 +90,9 @@ def mismatches(a, b):
     return bad
 
 
-def setup(seed=0):
+def setup(seed=0, model="vaegan"):
     torch.manual_seed(seed)
-    nets = main.build_networks(TINY)
+    nets = main.build_networks(TINY, "cpu", model)
     for module in nets.modules().values():
         module.double()
     x = torch.rand(6, 1, 16, 16, dtype=torch.float64) * 2 - 1
@@ -94,7 +101,7 @@ def setup(seed=0):
 
 
 def compare(cfg, bug=None):
-    nets, x, noise = setup()
+    nets, x, noise = setup(model=cfg.model)
     twin = copy.deepcopy(nets)
     expected = reference_gradients(twin, x, cfg, noise, bug)
     return expected, project_gradients(nets, x, cfg, noise)
@@ -111,13 +118,22 @@ GATES = {
 
 @pytest.mark.parametrize("gan_loss", losses.GAN_LOSSES)
 @pytest.mark.parametrize("gate", GATES)
-def test_step_gradients_match_reference(gan_loss, gate):
-    cfg = main.LossConfig(gamma=0.3, real_weight=0.6, gan_loss=gan_loss, llike_weight=0.5, **GATES[gate])
+@pytest.mark.parametrize("model", ["vaegan", "vae-disl", "gan"])
+def test_step_gradients_match_reference(model, gan_loss, gate):
+    cfg = main.LossConfig(gamma=0.3, real_weight=0.6, gan_loss=gan_loss, llike_weight=0.5, model=model, **GATES[gate])
     expected, got = compare(cfg)
+    assert set(got) == set(main.MODELS[model])
     assert mismatches(expected, got) == []
     skipped = {"discriminator skipped": "discriminator", "decoder skipped": "decoder"}.get(gate)
-    for name in ("encoder", "decoder", "discriminator"):
+    if model == "vae-disl":
+        skipped = None  # no gate
+    for name in main.MODELS[model]:
         assert (got[name] is None) == (name == skipped)
+
+
+def test_vae_gradients_match_reference():
+    expected, got = compare(main.LossConfig(model="vae"))
+    assert set(got) == {"encoder", "decoder"} and mismatches(expected, got) == []
 
 
 BUGS = {
@@ -129,7 +145,7 @@ BUGS = {
 
 
 @pytest.mark.parametrize("bug", BUGS)
-def test_comparison_catches_broken_routing(bug):
+def test_comparison_catches_broken_routing(bug):  # vaegan
     cfg = main.LossConfig(gamma=0.3, real_weight=0.6, llike_weight=0.5, equilibrium=None)
     expected, got = compare(cfg, bug)
     assert BUGS[bug] in mismatches(expected, got)

@@ -1,0 +1,156 @@
+"""The latent-space commands and evaluate, on a tiny checkpoint made here."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import latent
+import main
+from conftest import ROOT, write_images
+from test_main import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny vaegan and a tiny gan checkpoint, trained a few steps on MNIST."""
+    folder = tmp_path_factory.mktemp("runs")
+    made = {}
+    for model in ("vaegan", "gan"):
+        made[model] = folder / model
+        result = run_cli("--model", model, "--out", str(made[model]), "--max-steps", "3", *TINY)
+        assert result.returncode == 0, result.stderr
+    return made
+
+
+def command(*args):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, timeout=600)
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_sample_writes_a_grid_an_npz_and_individual_pngs(runs, tmp_path):
+    result = command("sample", "--checkpoint", str(runs["gan"]), "--num", "10", "--individual", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {tmp_path / 'samples.png'}" in result.stdout
+    images = np.load(tmp_path / "samples.npz")["images"]
+    assert images.shape == (10, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert len(list((tmp_path / "individual").glob("*.png"))) == 10
+    assert png_size(tmp_path / "individual" / "sample_00000.png") == (16, 16)  # the image itself, no border
+
+
+def test_reconstruct_held_out_images_and_given_files(runs, tmp_path):
+    result = command("reconstruct", "--checkpoint", str(runs["vaegan"]), "--num", "12", "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    arrays = np.load(tmp_path / "a" / "reconstructions.npz")
+    assert arrays["originals"].shape == arrays["reconstructions"].shape == (12, 1, 16, 16)
+    assert arrays["labels"].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6]  # MNIST's first test labels
+    files = write_images(tmp_path / "mine", 3, mode="L")
+    (tmp_path / "mine" / "broken.png").write_bytes(b"no")
+    result = command("reconstruct", "--checkpoint", str(runs["vaegan"]), "--images", str(tmp_path / "mine"),
+                     str(files[0]), "--out", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped 1 unreadable" in result.stdout
+    assert np.load(tmp_path / "b" / "reconstructions.npz")["originals"].shape[0] == 4
+
+
+def test_interpolate_rows_walk_between_the_endpoints(runs, tmp_path):
+    result = command("interpolate", "--checkpoint", str(runs["vaegan"]), "--pairs", "3", "--steps", "5",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert png_size(tmp_path / "interpolation.png") == (5 * 18 + 2, 3 * 18 + 2)
+    result = command("interpolate", "--checkpoint", str(runs["gan"]), "--prior", "--pairs", "2", "--steps", "4",
+                     "--out", str(tmp_path / "prior"))
+    assert result.returncode == 0, result.stderr
+
+
+def test_interpolation_endpoints_are_the_codes():
+    nets = main.build_networks(main.ModelConfig(image_size=16, width=0.125, latent_dim=8))
+    captured = []
+    original = latent.decode
+    latent.decode = lambda nets, z: (captured.append(z), original(nets, z))[1]
+    try:
+        start, end = torch.zeros(2, 8), torch.ones(2, 8)
+        latent.interpolate(nets, start, end, 3, __import__("pathlib").Path("/tmp/vaegan-test-interp"))
+    finally:
+        latent.decode = original
+    rows = captured[0].view(2, 3, 8)
+    assert torch.equal(rows[:, 0], start) and torch.equal(rows[:, 2], end) and torch.allclose(rows[:, 1], 0.5 * end)
+
+
+def test_attribute_vector_is_the_difference_of_class_means():
+    z = torch.tensor([[1.0, 0.0], [3.0, 2.0], [10.0, 10.0], [20.0, 30.0], [30.0, 20.0]])
+    has = torch.tensor([0, 0, 1, 1, 1])
+    expected = torch.tensor([20.0, 20.0]) - torch.tensor([2.0, 1.0])
+    assert torch.allclose(latent.attribute_vector(z, has), expected)
+    with pytest.raises(latent.CommandError, match="both with and without"):
+        latent.attribute_vector(z, torch.ones(5))
+
+
+def test_attributes_from_class_labels(runs, tmp_path):
+    result = command("attributes", "--checkpoint", str(runs["vaegan"]), "--from", "3", "--to", "8",
+                     "--num-labelled", "200", "--num-queries", "4", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert png_size(tmp_path / "class_3_to_8.png") == (4 * 18 + 2, 4 * 18 + 2)  # columns: orig, recon, -v, +v
+
+
+def test_attributes_from_a_csv_for_a_folder_dataset(tmp_path):
+    files = write_images(tmp_path / "faces", 40, size=(20, 20))
+    rows = ["filename,Smiling,Glasses"] + [f"{f.name},{i % 2},{int(i % 3 == 0)}" for i, f in enumerate(files)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert run_cli("--dataset", "folder", "--data-root", str(tmp_path / "faces"), "--out", str(run),
+                   "--max-steps", "2", "--num-workers", "0", *TINY).returncode == 0
+    result = command("attributes", "--checkpoint", str(run), "--labels", str(tmp_path / "labels.csv"),
+                     "--num-queries", "2", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "attribute_Smiling.png").exists() and (tmp_path / "out" / "attribute_Glasses.png").exists()
+    result = command("attributes", "--checkpoint", str(run), "--labels", str(tmp_path / "labels.csv"),
+                     "--attribute", "Hat")
+    assert result.returncode == 2 and "unknown attribute 'Hat'" in result.stderr and "Smiling" in result.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "--checkpoint", "/nonexistent/run"], "there is no checkpoint"),
+    (["reconstruct", "--checkpoint", "{gan}"], "needs an encoder"),
+    (["interpolate", "--checkpoint", "{gan}"], "needs an encoder"),
+    (["attributes", "--checkpoint", "{vaegan}"], "--from A --to B"),
+    (["attributes", "--checkpoint", "{vaegan}", "--from", "3", "--to", "12"], "--to 12 is not a class"),
+    (["reconstruct", "--checkpoint", "{vaegan}", "--images", "/nonexistent.png"], "does not exist"),
+    (["sample", "--checkpoint", "{gan}", "--num", "0"], "--num 0 must be at least 1"),
+    (["evaluate", "--checkpoint", "{gan}", "--num", "1"], "at least 2"),
+])
+def test_commands_reject_bad_input_clearly(runs, args, words):
+    args = [a.format(**{k: str(v) for k, v in runs.items()}) for a in args]
+    result = command(*args)
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_prints_a_table_and_writes_json(runs, tmp_path, writable_mnist_root):
+    out = tmp_path / "eval.json"
+    result = command("evaluate", "--checkpoint", str(runs["vaegan"]), "--num", "200", "--data-root", str(writable_mnist_root),
+                     "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 200 and report["model"] == "vaegan" and report["pixel_mse"] > 0 and report["kl"] >= 0
+    assert report["classifier_test_accuracy[mnist-cnn]"] >= 0.99
+    assert report["sample_fid[mnist-cnn]"] > 0 and 0 <= report["recon_accuracy[mnist-cnn]"] <= 1
+    assert "sample_fid[mnist-cnn]" in result.stdout and any("Inception" in n for n in report["notes"])
+
+
+def test_classifier_fid_is_near_zero_for_identical_sets_and_large_for_different_ones(writable_mnist_root):
+    classifier, accuracy = evaluate.cached_classifier("mnist", writable_mnist_root)
+    splits = evaluate.data.load_dataset("mnist", writable_mnist_root, 28)
+    ones = evaluate.data.to_unit_range(splits.heldout.images[splits.heldout.labels == 1][:300])
+    zeros = evaluate.data.to_unit_range(splits.heldout.images[splits.heldout.labels == 0][:300])
+    _, a = evaluate.classify(classifier, ones)
+    _, b = evaluate.classify(classifier, zeros)
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-3
+    assert evaluate.frechet_distance(a, b) > 100 * max(1.0, abs(evaluate.frechet_distance(a[:150], a[150:])))
