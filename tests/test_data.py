@@ -174,3 +174,14 @@ def test_resize_and_unit_range():
     out = data.resize(data.to_unit_range(images), 32)
     assert out.shape == (2, 1, 32, 32) and torch.allclose(out, torch.ones_like(out))
     assert data.to_unit_range(torch.zeros(1, dtype=torch.uint8)).item() == -1.0
+
+
+def test_celeba_attribute_list(tmp_path):
+    folder = tmp_path / "celeba"
+    folder.mkdir()
+    (folder / "list_attr_celeba.txt").write_text(
+        "3\nSmiling Eyeglasses\n000001.jpg  1 -1\n000002.jpg -1  1\n000003.jpg  1  1\n")
+    files = [folder / "img_align_celeba" / name for name in ("000003.jpg", "missing.jpg", "000001.jpg")]
+    names, labels, keep = data.celeba_attributes(tmp_path, files)
+    assert names == ["Smiling", "Eyeglasses"] and keep == [0, 2]
+    assert labels.tolist() == [[True, True], [True, False]]

@@ -154,3 +154,9 @@ def test_classifier_fid_is_near_zero_for_identical_sets_and_large_for_different_
     _, b = evaluate.classify(classifier, zeros)
     assert abs(evaluate.frechet_distance(a, a)) < 1e-3
     assert evaluate.frechet_distance(a, b) > 100 * max(1.0, abs(evaluate.frechet_distance(a[:150], a[150:])))
+
+
+def test_unreadable_images_are_a_clear_error(runs, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    result = command("reconstruct", "--checkpoint", str(runs["vaegan"]), "--images", str(tmp_path / "a.png"))
+    assert result.returncode == 2 and "could be read as an image" in result.stderr and "Traceback" not in result.stderr
