@@ -325,8 +325,8 @@ def equilibrium_gate(bce_real: float, bce_fake: float, cfg: LossConfig) -> tuple
     return update_dis, update_dec
 
 
-def set_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor, ...] | None) -> None:
-    for param, grad in zip(params, grads or [None] * len(params)):
+def set_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor, ...]) -> None:
+    for param, grad in zip(params, grads, strict=True):
         param.grad = grad
 
 
@@ -714,6 +714,8 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout)
                 if stop.signum is not None:
+                    write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout)  # show where it stopped
+                    utils.plot_metrics(log, out / "plots")
                     save(position)
                     bar.close()
                     raise Stopped(stop.signum, f"stopped at step {step} ({signal.Signals(stop.signum).name}); "

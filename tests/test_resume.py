@@ -88,6 +88,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, real_data, s
     assert f"--resume {run}" in stderr and "Traceback" not in stderr
     state = utils.load_checkpoint(run)
     assert state["step"] > 0 and steps_in_metrics(run) == list(range(1, state["step"] + 1))
+    assert (run / "samples" / f"step_{state['step']:07d}.png").exists() and (run / "plots" / "gan_loss.png").exists()
 
 
 def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, real_data):
