@@ -140,18 +140,18 @@ def inception_features() -> tuple[Callable[[torch.Tensor], torch.Tensor] | None,
 def evaluate_checkpoint(checkpoint: str | Path, num: int, data_root: str | None, device: torch.device,
                         seed: int = 0) -> dict:
     """Every figure the checkpoint's model and dataset allow, with how many images each used."""
-    cfg, nets = latent.load_run(checkpoint, device)
+    cfg, nets, step = latent.load_run(checkpoint, device)
     root = Path(data_root or cfg.data_root).expanduser()
-    heldout, _ = latent.heldout_batch(latent.heldout_split(cfg, str(root)), num, cfg, device)
+    heldout, labels = latent.heldout_batch(latent.heldout_split(cfg, str(root)), num, cfg, device)
     z = torch.randn(len(heldout), cfg.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     samples = latent.decode(nets, z)
     results: dict = {"checkpoint": str(utils.checkpoint_path(checkpoint)), "model": cfg.model,
-                     "dataset": cfg.dataset, "step": None, "images": len(heldout), "notes": []}
-    results["step"] = utils.load_checkpoint(checkpoint)["step"]
+                     "dataset": cfg.dataset, "step": step, "images": len(heldout), "notes": []}
     recon = None
     if nets.encoder is not None:
-        mean, logvar = nets.encoder(heldout)
-        recon = nets.decoder(mean)
+        posterior = [nets.encoder(chunk) for chunk in heldout.split(256)]
+        mean, logvar = (torch.cat(parts) for parts in zip(*posterior))
+        recon = torch.cat([nets.decoder(chunk) for chunk in mean.split(256)])
         results["pixel_mse"] = float((recon - heldout).pow(2).mean())
         results["kl"] = float(losses.kl_divergence(mean, logvar))
     if cfg.dataset in CLASSIFIER_DATASETS:
@@ -162,9 +162,8 @@ def evaluate_checkpoint(checkpoint: str | Path, num: int, data_root: str | None,
         results[f"classifier_test_accuracy[{name}]"] = accuracy
         results[f"sample_fid[{name}]"] = frechet_distance(sample_feats, real_feats)
         if recon is not None:
-            split = latent.heldout_split(cfg, str(root))
             predicted, _ = classify(classifier, recon)
-            results[f"recon_accuracy[{name}]"] = float((predicted == split.labels[:len(recon)]).float().mean())
+            results[f"recon_accuracy[{name}]"] = float((predicted == labels.to(predicted.device)).float().mean())
     features, note = inception_features()
     results["notes"].append(note)
     if features is not None:

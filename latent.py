@@ -21,15 +21,15 @@ class CommandError(Exception):
     """A request the checkpoint or the data cannot serve; the message says what to do."""
 
 
-def load_run(checkpoint: str | Path, device: torch.device) -> tuple[main.TrainConfig, main.Networks]:
-    """The config and the networks (evaluation mode) of a checkpoint."""
+def load_run(checkpoint: str | Path, device: torch.device) -> tuple[main.TrainConfig, main.Networks, int]:
+    """The config, the networks (evaluation mode) and the step of a checkpoint."""
     state = utils.load_checkpoint(checkpoint)
     cfg = main.TrainConfig(**state["config"])
     nets = main.build_networks(cfg.model_config(), "cpu", cfg.model)
     main.load_networks(state, nets)
     for module in nets.modules().values():
         module.to(device).eval()
-    return cfg, nets
+    return cfg, nets, state["step"]
 
 
 def require_encoder(nets: main.Networks, cfg: main.TrainConfig, command: str) -> None:
@@ -215,7 +215,7 @@ def run_command(command: str, argv: list[str]) -> list[Path]:
     args = build_parser(command).parse_args(argv)
     positive(args, "num", "pairs", "steps", "num_labelled", "num_queries")
     device = main.resolve_device(args.device)
-    cfg, nets = load_run(args.checkpoint, device)
+    cfg, nets, _ = load_run(args.checkpoint, device)
     out = Path(args.out).expanduser() if args.out else utils.checkpoint_path(args.checkpoint).parent / command
     torch.manual_seed(args.seed)
     if command == "sample":
