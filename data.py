@@ -267,12 +267,17 @@ def celeba_attributes(root: Path, files: list[Path]) -> tuple[list[str], torch.T
     return names, torch.tensor([table[files[i].name] for i in keep]), keep
 
 
+def find_images(folder: Path) -> list[Path]:
+    """Every image file (by extension) in `folder` and the folders below it, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def load_folder(root: Path, image_size: int, channels: int, **_: object) -> Splits:
     if not root.is_dir():
         raise DataError(f"the image folder {root} does not exist; point --data-root at a folder of images "
                         f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively.")
     try:
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = find_images(root)
     except OSError as error:
         raise DataError(f"cannot read the image folder {root} ({error.strerror}); check its permissions.") from error
     if not files:

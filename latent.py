@@ -73,7 +73,7 @@ def read_images(paths: list[str], cfg: main.TrainConfig, device: torch.device) -
     for name in paths:
         path = Path(name).expanduser()
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+            files += data.find_images(path)
         elif path.is_file():
             files.append(path)
         else:
