@@ -13,10 +13,17 @@ machine affects all of them alike:
   and, with --amp, --channels-last or --compile, the project's step with that path on,
   reported as a speed-up over the float32 eager step.
 Both steps update all three networks (equilibrium gate off) so that they do equal work.
+
+Under torchrun (torchrun --nproc-per-node N bench.py ...) it times instead the two ways of
+averaging gradients across the processes, each in every process on its own images:
+  project            DistributedDataParallel's hooks, overlapping with the backward passes;
+  project_allreduce  explicit all-reduces in 25 MiB buckets after the backward passes;
+images per second then count all processes' images, and rank 0 prints the report.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,8 +36,10 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import distributed
 import losses
 import main
+from distributed import SINGLE, Replicas
 from models import ModelConfig
 
 ALL_UPDATES = main.LossConfig(gamma=1e-2, equilibrium=None)  # every network updated every step
@@ -129,43 +138,51 @@ def matmul_case(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], 
 
 
 def fast_path_case(model_cfg: ModelConfig, x: torch.Tensor, amp: str = "off", channels_last: bool = False,
-                   compile: bool = False) -> Callable[[], None]:
-    """The project's step with one of the GPU fast paths switched on."""
+                   compile: bool = False, replicas: Replicas = SINGLE) -> Callable[[], None]:
+    """The project's step with one of the GPU fast paths switched on (and, under torchrun, its
+    gradients averaged across the processes as `replicas` says)."""
     nets = main.build_networks(model_cfg, x.device)
     optimizers = main.build_optimizers(nets, 3e-4, 0.9)
-    step_nets, precision, notes = main.fast_paths(nets, amp, channels_last, compile, x.device)
-    for note in notes:
+    step_nets, precision, notes = main.fast_paths(nets, amp, channels_last, compile, x.device, replicas)
+    for note in notes if replicas.is_main else []:
         print(f"{note}", file=sys.stderr)
     x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return lambda: main.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision)
+    return lambda: main.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision, replicas=replicas)
 
 
 def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_size: int = 64,
           device: str = "auto", steps: int = 5, warmup: int = 1, amp: str = "off",
-          channels_last: bool = False, compile: bool = False) -> dict:
+          channels_last: bool = False, compile: bool = False, replicas: Replicas = SINGLE) -> dict:
     """Run the measurements alternately; returns the report as a dict."""
-    dev = main.resolve_device(device)
-    torch.manual_seed(0)
+    dev = replicas.device if replicas.active else main.resolve_device(device)
+    torch.manual_seed(replicas.rank)  # under torchrun each process its own images
     model_cfg = ModelConfig(image_size=image_size, channels=channels, width=width)
     x = torch.rand(batch_size, channels, image_size, image_size, device=dev) * 2 - 1
-    cases: dict[str, dict] = {"project": {"run": fast_path_case(model_cfg, x), "images": batch_size}}
-    nets = main.build_networks(model_cfg, dev)
-    optimizers = main.build_optimizers(nets, 3e-4, 0.9)
-    cases["naive"] = {"run": lambda: naive_step(nets, optimizers, x, ALL_UPDATES), "images": batch_size}
+    images = batch_size * replicas.world_size
+    if replicas.active:  # the two ways of averaging gradients, instead of the naive step
+        cases: dict[str, dict] = {
+            name: {"run": fast_path_case(model_cfg, x, replicas=dataclasses.replace(replicas, grad_sync=sync)),
+                   "images": images}
+            for name, sync in (("project", "ddp"), ("project_allreduce", "allreduce"))}
+    else:
+        cases = {"project": {"run": fast_path_case(model_cfg, x), "images": batch_size}}
+        nets = main.build_networks(model_cfg, dev)
+        optimizers = main.build_optimizers(nets, 3e-4, 0.9)
+        cases["naive"] = {"run": lambda: naive_step(nets, optimizers, x, ALL_UPDATES), "images": batch_size}
     fast = {f"project_amp_{amp}": dict(amp=amp)} if amp != "off" else {}
     if channels_last:
         fast["project_channels_last"] = dict(channels_last=True)
     if compile:
         fast["project_compile"] = dict(compile=True)
     for name, options in fast.items():
-        cases[name] = {"run": fast_path_case(model_cfg, x, **options), "images": batch_size}
+        cases[name] = {"run": fast_path_case(model_cfg, x, **options, replicas=replicas), "images": images}
     matmuls = [("matmul_fp32", torch.float32)] + ([("matmul_bf16", torch.bfloat16)] if dev.type == "cuda" else [])
     for name, dtype in matmuls:
         run, flops = matmul_case(dev, dtype)
         cases[name] = {"run": run, "flops": flops, "images": 0}
-    for name in ("project", "naive"):
+    for name in ("project", "naive") if "naive" in cases else ("project",):
         cases[name]["flops"] = count_flops(cases[name]["run"])
-    for name in fast:  # the same arithmetic as the project's step, in another precision or layout
+    for name in [*fast, "project_allreduce"] if replicas.active else fast:  # the same arithmetic as "project"
         cases[name]["flops"] = cases["project"]["flops"]
 
     memory = PeakMemory(dev)
@@ -187,6 +204,7 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        "processes": replicas.world_size,
         "torch": torch.__version__,
         "config": {"image_size": image_size, "channels": channels, "width": width, "batch_size": batch_size,
                    "steps": steps, "warmup": warmup},
@@ -202,10 +220,13 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
             "peak_memory_bytes": peaks[name],
         }
     reference = report["results"]["matmul_fp32"]["flop_per_second"]
-    for name in ("project", "naive", *fast):
+    for name in cases.keys() - {name for name, _ in matmuls}:
         report["results"][name]["share_of_matmul"] = report["results"][name]["flop_per_second"] / reference
     project_seconds = report["results"]["project"]["seconds"]
-    report["naive_over_project"] = report["results"]["naive"]["seconds"] / project_seconds
+    if replicas.active:
+        report["allreduce_over_ddp"] = report["results"]["project_allreduce"]["seconds"] / project_seconds
+    else:
+        report["naive_over_project"] = report["results"]["naive"]["seconds"] / project_seconds
     for name in fast:
         report["results"][name]["speedup_over_fp32_eager"] = project_seconds / report["results"][name]["seconds"]
     return report
@@ -225,17 +246,22 @@ def cpu_name() -> str:
 def format_report(report: dict) -> str:
     cfg = report["config"]
     lines = [
-        f"{report['device_name']} ({report['device']}, {report['threads']} threads), torch {report['torch']}",
+        f"{report['device_name']} ({report['device']}, {report['threads']} threads), torch {report['torch']}"
+        + (f", {report['processes']} processes (images/s: all of them)" if report["processes"] > 1 else ""),
         f"config: {cfg['channels']}x{cfg['image_size']}x{cfg['image_size']}, width {cfg['width']}, "
         f"batch {cfg['batch_size']}, median of {cfg['steps']} after {cfg['warmup']} warm-up",
-        f"{'':12} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}",
+        f"{'':17} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}",
     ]
     for name, r in report["results"].items():
         images = f"{r['images_per_second']:9.1f}" if r["images_per_second"] else f"{'':9}"
         share = f"{r['share_of_matmul']:9.0%}" if "share_of_matmul" in r else f"{'':9}"
-        lines.append(f"{name:12} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
+        lines.append(f"{name:17} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
                      f"{r['flop_per_second'] / 1e9:9.1f} {share} {r['peak_memory_bytes'] / 2**20:9.1f}")
-    lines.append(f"naive / project: {report['naive_over_project']:.2f}x")
+    if "naive_over_project" in report:
+        lines.append(f"naive / project: {report['naive_over_project']:.2f}x")
+    else:
+        lines.append(f"gradients averaged by DDP hooks (project) vs bucketed all-reduce: the all-reduce step takes "
+                     f"{report['allreduce_over_ddp']:.2f}x as long")
     for name, r in report["results"].items():
         if "speedup_over_fp32_eager" in r:
             lines.append(f"{name} / project (fp32 eager): {r['speedup_over_fp32_eager']:.2f}x faster")
@@ -260,14 +286,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    replicas = SINGLE
     try:
         if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
             raise main.UsageError("--batch-size must be at least 2, --steps at least 1 and --warmup at least 0.")
+        if distributed.launched_by_torchrun():
+            replicas = distributed.start(args.device)
         report = bench(args.image_size, args.channels, args.width, args.batch_size, args.device, args.steps,
-                       args.warmup, args.amp, args.channels_last, args.compile)
-    except (main.UsageError, main.ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
+                       args.warmup, args.amp, args.channels_last, args.compile, replicas)
+    except (main.UsageError, main.ConfigError, distributed.LaunchError) as error:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets it; rank 0 says so
+            print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.stop(replicas)
+    if not replicas.is_main:
+        return 0
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -326,22 +326,28 @@ def drop_unreadable(images: torch.Tensor, indices: torch.Tensor) -> tuple[torch.
 class Batches:
     """Shuffled training batches of one epoch, reproducible from (seed, epoch).
 
+    Under torchrun each of the `world_size` processes gets its own disjoint shard of every
+    epoch (torch's DistributedSampler: every world_size-th index of the epoch's permutation).
     Yields (images in [-1, 1] on `device`, number of unreadable files skipped).
     """
 
     def __init__(self, split: Split, batch_size: int, image_size: int, device: torch.device,
-                 seed: int, num_workers: int = 2):
+                 seed: int, num_workers: int = 2, rank: int = 0, world_size: int = 1):
         self.split, self.batch_size, self.image_size = split, batch_size, image_size
-        self.device, self.seed, self.num_workers = device, seed, num_workers
+        self.device, self.num_workers = device, num_workers
+        # Every process gets as many images as the others (drop_last), so all take the same number of steps.
+        self.sampler = torch.utils.data.DistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=True,
+                                                           seed=seed * 1_000_003, drop_last=True)
         # An in-memory set lives where training runs, so batching is one indexing operation.
         self.images = split.images.to(device) if isinstance(split, TensorImages) else None
 
     def __len__(self) -> int:
-        return len(self.split) // self.batch_size
+        return self.sampler.num_samples // self.batch_size
 
     def order(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.split), generator=generator)
+        """This process's indices for `epoch`, in the order it trains on them."""
+        self.sampler.set_epoch(epoch)
+        return torch.tensor(list(self.sampler), dtype=torch.long)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
         """The batches of `epoch` from batch number `start` on (to resume inside an epoch)."""

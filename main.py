@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import signal
 import sys
@@ -22,8 +23,10 @@ import torch
 import torch.nn as nn
 
 import data
+import distributed
 import losses
 import utils
+from distributed import SINGLE, Replicas
 from models import ConfigError, Decoder, Discriminator, Encoder, ModelConfig, count_parameters
 
 # Values a preset fills in when the command line leaves them out: `paper` is the paper's
@@ -45,6 +48,10 @@ class UsageError(Exception):
 
 class TrainingDiverged(Exception):
     """A loss became NaN or infinite."""
+
+
+class FollowerExit(Exception):
+    """Under torchrun: rank 0 met an error (and reports it); the other processes leave quietly."""
 
 
 # ---------------------------------------------------------------------------
@@ -93,6 +100,7 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
@@ -150,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="off", choices=AMP_DTYPES, help="mixed precision (fp16 with loss scaling)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks and images")
     g.add_argument("--compile", action="store_true", help="torch.compile the three networks (falls back to eager)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over all processes' images (SyncBatchNorm)")
+    g.add_argument("--grad-sync", default="auto", choices=("auto", *distributed.GRAD_SYNCS),
+                   help="under torchrun, how gradients are averaged: DDP's hooks or bucketed all-reduces "
+                        "(auto: allreduce on the CPU, ddp on CUDA)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run folder (default: runs/<dataset>-<date-time>)")
     g.add_argument("--sample-every", type=int, default=0, help="also write grids every N steps (0: each epoch only)")
@@ -286,9 +299,10 @@ def build_optimizers(nets: Networks, lr: float, alpha: float) -> dict[str, torch
     return {name: torch.optim.RMSprop(module.parameters(), lr=lr, alpha=alpha) for name, module in nets.modules().items()}
 
 
-def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool,
-               device: torch.device) -> tuple[Networks, Precision, list[str]]:
-    """The networks the step should call and its precision, per --amp, --channels-last and --compile.
+def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool, device: torch.device,
+               replicas: Replicas = SINGLE) -> tuple[Networks, Precision, list[str]]:
+    """The networks the step should call and its precision, per --amp, --channels-last and --compile
+    (and, under torchrun, wrapped in DistributedDataParallel).
 
     Returns notes that say what was switched on, or why a path fell back.
     """
@@ -305,11 +319,11 @@ def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool,
         for module in nets.modules().values():
             module.to(memory_format=torch.channels_last)
         notes.append("channels-last memory format")
-    step_nets = nets
+    step_nets = Networks(**{name: replicas.wrap(m) for name, m in nets.modules().items()})
     if compile:
         from torch import _dynamo
         _dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
-        step_nets = Networks(**{name: torch.compile(m) for name, m in nets.modules().items()})
+        step_nets = Networks(**{name: torch.compile(m) for name, m in step_nets.modules().items()})
         notes.append("torch.compile: the first steps are slow while the networks compile")
     return step_nets, Precision(dtype, scaler), notes
 
@@ -325,26 +339,33 @@ def equilibrium_gate(bce_real: float, bce_fake: float, cfg: LossConfig) -> tuple
     return update_dis, update_dec
 
 
-def set_grads(params: list[nn.Parameter], grads: tuple[torch.Tensor, ...]) -> None:
-    for param, grad in zip(params, grads, strict=True):
-        param.grad = grad
+def backward_into(params: list[nn.Parameter], outputs: list[torch.Tensor],
+                  grad_outputs: list[torch.Tensor] | None = None, retain_graph: bool = False) -> None:
+    """Set the .grad of `params` (and only theirs) to the gradient of `outputs`.
+
+    torch.autograd.backward with `inputs` accumulates into those parameters alone, so that
+    DistributedDataParallel's hooks fire and average them across processes.
+    """
+    torch.autograd.backward(outputs, grad_outputs, retain_graph=retain_graph, inputs=params)
 
 
 def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
                       noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      precision: Precision = FLOAT32) -> dict[str, torch.Tensor]:
+                      precision: Precision = FLOAT32, replicas: Replicas = SINGLE) -> dict[str, torch.Tensor]:
     """One forward pass, then set each network's .grad from its own loss (None if not updated).
 
     `noise` = (eps for the reparameterisation, z_p for prior samples); drawn if None.
     With a loss scaler the gradients are those of the scaled losses (the scaler unscales them).
+    Under torchrun the gate decides from statistics averaged over `replicas`.
     Returns the step's statistics as 0-d tensors (NaN for what the model does not have).
     """
     for module in nets.modules().values():
         module.zero_grad(set_to_none=True)  # free the last step's gradients first
-    eps, z_prior = noise if noise is not None else torch.randn(2, len(x), nets.decoder.latent_dim, device=x.device)
+    decoder = getattr(nets.decoder, "module", nets.decoder)  # the Decoder inside a DDP wrapper
+    eps, z_prior = noise if noise is not None else torch.randn(2, len(x), decoder.latent_dim, device=x.device)
     if cfg.model == "vae":
         return vae_gradients(nets, x, eps, precision)
-    return adversarial_gradients(nets, x, cfg, eps, z_prior, precision)
+    return adversarial_gradients(nets, x, cfg, eps, z_prior, precision, replicas)
 
 
 def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
@@ -356,7 +377,7 @@ def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision:
     loss_llike = losses.pixel_nll(at_least_float32(recon), x)
     params = [p for m in nets.modules().values() for p in m.parameters()]
     # L_prior does not depend on the decoder, so one backward pass gives each network its own loss's gradient.
-    set_grads(params, torch.autograd.grad(precision.scaled(loss_prior + loss_llike), params))
+    backward_into(params, [precision.scaled(loss_prior + loss_llike)])
     nan = torch.tensor(math.nan)
     with torch.no_grad():
         return {"loss_prior": loss_prior, "loss_llike": loss_llike, "loss_gan": nan, "loss_dec_gan": nan,
@@ -365,7 +386,7 @@ def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision:
 
 
 def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps: torch.Tensor,
-                          z_prior: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
+                          z_prior: torch.Tensor, precision: Precision, replicas: Replicas) -> dict[str, torch.Tensor]:
     """The models with a discriminator (Algorithm 1 for vaegan):
 
     Encoder       <- grad(L_prior + llike_weight * L_llike)                  (vaegan, vae-disl)
@@ -392,8 +413,8 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
 
     loss_gan = losses.discriminator_loss(logits_real, logits_fake, cfg.real_weight)
     loss_dec_gan = losses.decoder_gan_loss(logits_real, logits_fake, cfg.real_weight, cfg.gan_loss)
-    with torch.no_grad():
-        bce = torch.stack([losses.bce_real(logits_real), losses.bce_fake(logits_fake)]).tolist()
+    with torch.no_grad():  # averaged over processes, so that all of them take the same decisions
+        bce = replicas.average(torch.stack([losses.bce_real(logits_real), losses.bce_fake(logits_fake)])).tolist()
     if cfg.model == "vae-disl":
         update_dis = update_dec = True  # no GAN game to balance: the discriminator simply trains on L_GAN
     else:
@@ -406,10 +427,9 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
     grad_gan_images = None
     if update_dis:
         dis_params = list(nets.discriminator.parameters())
-        inputs = dis_params + [generated_in] if reuse else dis_params
-        grads = torch.autograd.grad(precision.scaled(loss_gan), inputs, retain_graph=True)
-        set_grads(dis_params, grads[:len(dis_params)])
-        grad_gan_images = -grads[-1] if reuse else None
+        backward_into(dis_params + [generated_in] if reuse else dis_params, [precision.scaled(loss_gan)],
+                      retain_graph=True)
+        grad_gan_images = -generated_in.grad if reuse else None
     if needs_gan_images and grad_gan_images is None:
         grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated_in, retain_graph=has_encoder)
     upstream = dec_gan_weight * grad_gan_images if needs_gan_images else torch.zeros_like(generated_in)
@@ -425,14 +445,12 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
     # Decoder <- its objective, through the generated images.
     if update_dec:
         dec_params = list(nets.decoder.parameters())
-        set_grads(dec_params, torch.autograd.grad(generated, dec_params, upstream.to(generated.dtype),
-                                                  retain_graph=has_encoder))
+        backward_into(dec_params, [generated], [upstream.to(generated.dtype)], retain_graph=has_encoder)
     # Encoder <- grad(L_prior + llike_weight * L_llike): L_llike reaches it through the decoder, no GAN term does.
     if has_encoder:
         enc_params = list(nets.encoder.parameters())
-        set_grads(enc_params, torch.autograd.grad([precision.scaled(loss_prior), generated], enc_params,
-                                                  [torch.ones_like(loss_prior),
-                                                   (cfg.llike_weight * grad_llike_images).to(generated.dtype)]))
+        backward_into(enc_params, [precision.scaled(loss_prior), generated],
+                      [torch.ones_like(loss_prior), (cfg.llike_weight * grad_llike_images).to(generated.dtype)])
 
     with torch.no_grad():
         probability = torch.sigmoid(logits)
@@ -452,10 +470,12 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 
 def train_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, cfg: LossConfig,
-               noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-               precision: Precision = FLOAT32) -> dict[str, float]:
-    """Compute every gradient, then step the optimizers of the networks that got one."""
-    stats = compute_gradients(nets, x, cfg, noise, precision)
+               noise: tuple[torch.Tensor, torch.Tensor] | None = None, precision: Precision = FLOAT32,
+               replicas: Replicas = SINGLE) -> dict[str, float]:
+    """Compute every gradient (averaged over processes under torchrun), then step the optimizers
+    of the networks that got one. The statistics returned are averaged over processes too."""
+    stats = compute_gradients(nets, x, cfg, noise, precision, replicas)
+    replicas.average_gradients(list(nets.modules().values()))
     for name, module in nets.modules().items():
         if next(module.parameters()).grad is not None:
             if precision.scaler is not None:
@@ -464,7 +484,7 @@ def train_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: 
                 optimizers[name].step()
     if precision.scaler is not None:
         precision.scaler.update()
-    values = torch.stack([v.to(x.device, torch.float32) for v in stats.values()]).tolist()  # one device sync
+    values = replicas.average(torch.stack([v.to(x.device, torch.float32) for v in stats.values()])).tolist()
     return dict(zip(stats, values))
 
 
@@ -531,11 +551,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_grids(nets: Networks, out: Path, tag: str, fixed_z: torch.Tensor, heldout: torch.Tensor) -> None:
-    utils.save_grid(decode_with_batch_statistics(nets.decoder, fixed_z), out / "samples" / f"{tag}.png")
-    if len(heldout) and nets.encoder is not None:
-        pairs = utils.interleave(heldout, reconstruct(nets, heldout))
-        utils.save_grid(pairs, out / "reconstructions" / f"{tag}.png")
+def write_grids(nets: Networks, out: Path, tag: str, fixed_z: torch.Tensor, heldout: torch.Tensor,
+                write: bool = True) -> None:
+    """The sample grid of `fixed_z` and the held-out reconstruction grid (computed; saved if `write`)."""
+    samples = decode_with_batch_statistics(nets.decoder, fixed_z)
+    pairs = utils.interleave(heldout, reconstruct(nets, heldout)) if len(heldout) and nets.encoder is not None else None
+    if write:
+        utils.save_grid(samples, out / "samples" / f"{tag}.png")
+        if pairs is not None:
+            utils.save_grid(pairs, out / "reconstructions" / f"{tag}.png")
 
 
 def format_duration(seconds: float) -> str:
@@ -569,16 +593,18 @@ class StopRequest:
     """
     EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.signum: int | None = None
+        self.quiet = quiet  # under torchrun the processes other than rank 0 do not announce it
         self.previous = {s: signal.signal(s, self.handle) for s in self.EXIT_CODES}
 
     def handle(self, signum: int, frame: object) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
-              "at once, losing the steps since the last checkpoint)...", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to stop "
+                  "at once, losing the steps since the last checkpoint)...", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
@@ -616,31 +642,44 @@ def load_networks(state: dict, nets: Networks) -> None:
                 "it was made for another model or edited. Use a checkpoint written by this tool.") from None
 
 
-def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -> Path:
-    """Run the training loop described by `cfg`, from scratch or from a checkpoint; returns the run folder."""
+def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
+          replicas: Replicas = SINGLE) -> Path:
+    """Run the training loop described by `cfg`, from scratch or from a checkpoint; returns the run folder.
+
+    Under torchrun every process runs this loop on its own shard; rank 0 alone prints and writes.
+    """
     from tqdm import tqdm
 
     device = torch.device(cfg.device)
+    say = print if replicas.is_main else (lambda *args, **kwargs: None)
+    if cfg.sync_bn and replicas.active and device.type != "cuda":
+        raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU. Leave it out "
+                         "(each process then normalises by the statistics of its own batch).")
     splits = data.load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.channels)
-    if len(splits.train) < cfg.batch_size:
+    batches = data.Batches(splits.train, cfg.batch_size, cfg.image_size, device, cfg.seed, cfg.num_workers,
+                           replicas.rank, replicas.world_size)
+    if len(batches) == 0:
+        each = f" for each of {replicas.world_size} processes" if replicas.active else ""
         raise UsageError(f"the training split has {len(splits.train)} images, fewer than --batch-size "
-                         f"{cfg.batch_size}; lower --batch-size or add images.")
-    out = prepare_out_dir(cfg, resuming=resume is not None)
-    seed_everything(cfg.seed)
+                         f"{cfg.batch_size}{each}; lower --batch-size or add images.")
+    out = prepare_run_dir(cfg, resume is not None, replicas)
+    seed_everything(cfg.seed)  # the same initial weights in every process
     model_cfg, loss_cfg = cfg.model_config(), cfg.loss_config()
     nets = build_networks(model_cfg, device, cfg.model)
+    sync_bn_note = convert_sync_batchnorm(nets, replicas) if cfg.sync_bn else ""
     optimizers = build_optimizers(nets, cfg.lr, cfg.rmsprop_alpha)
-    step_nets, precision, fast_path_notes = fast_paths(nets, cfg.amp, cfg.channels_last, cfg.compile, device)
+    step_nets, precision, fast_path_notes = fast_paths(nets, cfg.amp, cfg.channels_last, cfg.compile, device, replicas)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batches = data.Batches(splits.train, cfg.batch_size, cfg.image_size, device, cfg.seed, cfg.num_workers)
     fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     heldout = data.heldout_images(splits.heldout, RECONSTRUCTION_PAIRS, cfg.image_size).to(device)
     counts = {name: count_parameters(m) for name, m in nets.modules().items()}
     step, epoch, epoch_batches = 0, 1, 0
     if resume is None:
-        utils.write_json({**asdict(cfg), "torch_version": torch.__version__, "parameters": counts,
-                          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type},
-                         out / "config.json")
+        if replicas.is_main:
+            utils.write_json({**asdict(cfg), "torch_version": torch.__version__, "parameters": counts,
+                              "processes": replicas.world_size, "grad_sync": replicas.grad_sync,
+                              "device_name": device_name(device)},
+                             out / "config.json")
     else:
         load_networks(resume, nets)
         for name, optimizer in optimizers.items():
@@ -651,38 +690,58 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -
         if precision.scaler is not None and resume.get("scaler"):
             precision.scaler.load_state_dict(resume["scaler"])
         step, epoch, epoch_batches = resume["step"], resume["epoch"], resume["epoch_batches"]
-    log = utils.MetricsLog(out / "metrics.csv", resume["history"] if resume else None)
+        saved_processes = resume.get("processes", 1)
+        if saved_processes != replicas.world_size:  # the same images done, in this run's (global) batches
+            epoch_batches = epoch_batches * saved_processes // replicas.world_size
+            say(f"note: the checkpoint was written by {saved_processes} process(es) and this run has "
+                f"{replicas.world_size}: the rest of epoch {epoch} is shared out anew from batch {epoch_batches}")
+    if replicas.rank > 0:  # its own noise (eps, z_p) in every other process
+        seed_everything(cfg.seed + 1_000_003 * replicas.rank + step)
+    log = utils.MetricsLog(out / "metrics.csv", resume["history"] if resume else None) if replicas.is_main else None
     if epoch_batches >= len(batches):  # the checkpoint was written at an epoch's end
         epoch, epoch_batches = epoch + 1, 0
 
-    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    say(f"device: {device}" + (f" ({device_name(device)})" if device.type == "cuda" else ""))
+    if replicas.active:
+        say(f"processes: {replicas.world_size} ({dist_backend()}, gradients averaged by {replicas.grad_sync}), each on "
+            f"its own shard with --batch-size {cfg.batch_size}: {replicas.world_size * cfg.batch_size} images per step "
+            "in all")
     if preset_line:
-        print(preset_line)
-    print("parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()))
-    for note in fast_path_notes:
-        print(note)
-    print(f"data: {cfg.dataset}, {len(splits.train):,} training images, {len(batches)} steps per epoch; writing to {out}")
+        say(preset_line)
+    say("parameters: " + ", ".join(f"{name} {count:,}" for name, count in counts.items()))
+    for note in fast_path_notes + [sync_bn_note] * bool(sync_bn_note):
+        say(note)
+    say(f"data: {cfg.dataset}, {len(splits.train):,} training images, {len(batches)} steps per epoch; writing to {out}")
     if resume is not None:
-        print(f"resuming at step {step}: epoch {epoch}, batch {epoch_batches} of {len(batches)}")
+        say(f"resuming at step {step}: epoch {epoch}, batch {epoch_batches} of {len(batches)}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.autograd.set_detect_anomaly(cfg.detect_anomaly)
 
     def save(epoch_batches: int) -> None:
-        state = checkpoint_state(nets, optimizers, cfg, step, epoch, epoch_batches, log)
-        state["scaler"] = precision.scaler.state_dict() if precision.scaler is not None else {}
-        log.flush()
-        utils.save_checkpoint(state, out / "checkpoint.pt")
+        if replicas.is_main:  # the replicas are identical, so one checkpoint serves them all
+            state = checkpoint_state(nets, optimizers, cfg, step, epoch, epoch_batches, log)
+            state["scaler"] = precision.scaler.state_dict() if precision.scaler is not None else {}
+            state["processes"] = replicas.world_size
+            log.flush()
+            utils.save_checkpoint(state, out / "checkpoint.pt")
+
+    def write_outputs(tag: str, epoch_batches: int) -> None:
+        """Grids (computed by every process: SyncBatchNorm gathers over all), plots and checkpoint."""
+        write_grids(nets, out, tag, fixed_z, heldout, write=replicas.is_main)
+        if replicas.is_main:
+            utils.plot_metrics(log, out / "plots")
+        save(epoch_batches)
 
     total_steps = min(cfg.epochs * len(batches), cfg.max_steps or math.inf)
-    first_step, skipped = step, 0
-    stop = StopRequest()
+    first_step, skipped, bar = step, 0, None
+    stop = StopRequest(quiet=not replicas.is_main)
     try:
         for epoch in range(epoch, cfg.epochs + 1):
             position = epoch_batches if step == first_step else 0  # resume inside the first epoch only
             epoch_rows, epoch_start = [], time.perf_counter()
-            bar = tqdm(total=max(0, min(len(batches) - position, total_steps - step)),
-                       desc=f"epoch {epoch}/{cfg.epochs}", unit="step", dynamic_ncols=True, leave=False)
+            bar = tqdm(total=max(0, min(len(batches) - position, total_steps - step)), desc=f"epoch {epoch}/{cfg.epochs}",
+                       unit="step", dynamic_ncols=True, leave=False, disable=not replicas.is_main)
             batch_iter = batches.epoch(epoch, position)
             while step < total_steps:
                 wait_start = time.perf_counter()
@@ -691,54 +750,92 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None) -
                     break
                 skipped += dropped
                 position += 1
-                if len(x) < 2:
+                if replicas.any(len(x) < 2):  # every process skips the step if one has no batch to train on
                     continue
                 step_start = time.perf_counter()
                 row = train_step(step_nets, optimizers, x.contiguous(memory_format=memory_format), loss_cfg,
-                                 precision=precision)
+                                 precision=precision, replicas=replicas)
                 step += 1
                 now = time.perf_counter()
                 check_finite(row, cfg.model, step, out / "checkpoint.pt")
                 row = {"step": step, "epoch": epoch, **row, "sec_per_step": now - step_start,
                        "data_wait": step_start - wait_start}
-                log.append(row)
+                if log is not None:
+                    log.append(row)
                 epoch_rows.append(row)
                 bar.update(1)
                 bar.set_postfix_str(" ".join(f"{label} {row[key]:{spec}}" for key, label, spec in BAR_FIELDS
                                              if math.isfinite(row[key])))
-                if step == first_step + TIMING_STEPS + 2:
+                if step == first_step + TIMING_STEPS + 2 and replicas.is_main:
                     per_step = float(np.median([r["sec_per_step"] + r["data_wait"] for r in epoch_rows[2:]]))
                     tqdm.write(f"measured {per_step:.3f} s/step: an epoch of {len(batches)} steps takes about "
                                f"{format_duration(per_step * len(batches))}, the remaining {total_steps - first_step} "
                                f"steps about {format_duration(per_step * (total_steps - first_step))}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
-                    write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout)
-                if stop.signum is not None:
-                    write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout)  # show where it stopped
-                    utils.plot_metrics(log, out / "plots")
-                    save(position)
-                    bar.close()
-                    raise Stopped(stop.signum, f"stopped at step {step} ({signal.Signals(stop.signum).name}); "
-                                  f"checkpoint saved. Continue with: python3 main.py --resume {out}")
+                    write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout, write=replicas.is_main)
+                if replicas.any(stop.signum is not None):  # a signal to any process stops them all here
+                    write_outputs(f"step_{step:07d}", position)  # show where it stopped
+                    replicas.barrier()  # no process leaves before the checkpoint is on disk
+                    signum = stop.signum or signal.SIGTERM
+                    raise Stopped(signum, f"stopped at step {step} ({signal.Signals(signum).name}); "
+                                  f"checkpoint saved. Continue with: {resume_command(out, replicas)}")
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save(position)
             bar.close()
             if not epoch_rows:
                 break
-            write_grids(nets, out, f"epoch_{epoch:03d}", fixed_z, heldout)
-            utils.plot_metrics(log, out / "plots")
-            save(position)
-            print(epoch_summary(epoch, cfg, epoch_rows, time.perf_counter() - epoch_start), flush=True)
+            write_outputs(f"epoch_{epoch:03d}", position)
+            say(epoch_summary(epoch, cfg, epoch_rows, time.perf_counter() - epoch_start), flush=True)
             if skipped:
-                print(f"warning: skipped {skipped} unreadable image(s) so far", file=sys.stderr)
+                print(f"warning: skipped {skipped} unreadable image(s) so far" +
+                      (f" (process {replicas.rank})" if replicas.active else ""), file=sys.stderr)
             if step >= total_steps:
                 break
     finally:
         stop.restore()
-        log.close()
-    print(f"done: {step} steps; grids in {out / 'samples'} and {out / 'reconstructions'}, "
-          f"plots in {out / 'plots'}, checkpoint {out / 'checkpoint.pt'}")
+        if bar is not None:
+            bar.close()  # clears the progress line before any error message
+        if log is not None:
+            log.close()
+    replicas.barrier()
+    say(f"done: {step} steps; grids in {out / 'samples'} and {out / 'reconstructions'}, "
+        f"plots in {out / 'plots'}, checkpoint {out / 'checkpoint.pt'}")
     return out
+
+
+def prepare_run_dir(cfg: TrainConfig, resuming: bool, replicas: Replicas) -> Path:
+    """prepare_out_dir in rank 0; every process raises if it failed there."""
+    failure = None
+    if replicas.is_main:
+        try:
+            prepare_out_dir(cfg, resuming)
+        except UsageError as error:
+            failure = error
+    if replicas.any(failure is not None):
+        raise failure or FollowerExit("rank 0 could not prepare the run folder")
+    return Path(cfg.out).expanduser()
+
+
+def convert_sync_batchnorm(nets: Networks, replicas: Replicas) -> str:
+    """--sync-bn: BatchNorm layers that normalise by all processes' statistics; returns a note."""
+    if not replicas.active:
+        return "note: --sync-bn has no effect in a single process"
+    for name, module in nets.modules().items():
+        setattr(nets, name, nn.SyncBatchNorm.convert_sync_batchnorm(module))
+    return "SyncBatchNorm: BatchNorm statistics over all processes' images"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def dist_backend() -> str:
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "no process group"
+
+
+def resume_command(out: Path, replicas: Replicas) -> str:
+    launcher = f"torchrun --nproc-per-node {replicas.world_size} main.py" if replicas.active else "python3 main.py"
+    return f"{launcher} --resume {out}"
 
 
 LOSS_TERMS = {"vaegan": ("loss_prior", "loss_llike", "loss_gan", "loss_dec_gan"), "vae": ("loss_prior", "loss_llike"),
@@ -759,7 +856,7 @@ def check_finite(row: dict[str, float], model: str, step: int, checkpoint: Path)
 # Settings a resumed run may change (the flag wins, with a note); every other one is fixed by the checkpoint.
 CHANGEABLE_ON_RESUME = {"data_root", "lr", "rmsprop_alpha", "epochs", "max_steps", "gamma", "real_weight", "gan_loss",
                         "equilibrium", "margin", "llike_weight", "sample_every", "checkpoint_every", "device",
-                        "num_workers", "detect_anomaly", "amp", "channels_last", "compile"}
+                        "num_workers", "detect_anomaly", "amp", "channels_last", "compile", "sync_bn"}
 
 
 def explicit_options(argv: list[str]) -> set[str]:
@@ -771,7 +868,7 @@ def explicit_options(argv: list[str]) -> set[str]:
 
 
 def resume_config(state: dict, args: argparse.Namespace, explicit: set[str], device: torch.device,
-                  run_dir: Path) -> TrainConfig:
+                  run_dir: Path, quiet: bool = False) -> TrainConfig:
     """The checkpoint's config with the changeable flags applied; UsageError for a contradiction."""
     saved = TrainConfig(**state["config"])
     given = dict(vars(args))
@@ -787,7 +884,8 @@ def resume_config(state: dict, args: argparse.Namespace, explicit: set[str], dev
             continue
         if name in CHANGEABLE_ON_RESUME:
             changes[name] = new
-            print(f"note: --{name.replace('_', '-')} {new} replaces the checkpoint's {old}")
+            if not quiet:
+                print(f"note: --{name.replace('_', '-')} {new} replaces the checkpoint's {old}")
         else:
             conflicts.append(f"--{name.replace('_', '-')} {new} (the checkpoint has {old})")
     if conflicts:
@@ -822,35 +920,65 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv[0], argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))  # set by torchrun; rank 0 alone reports what all processes meet
+    parser = build_parser()
+    if rank > 0:
+        parser.error = lambda message: sys.exit(2)
+    args = parser.parse_args(argv)
+    replicas = SINGLE
     try:
-        device = resolve_device(args.device)
+        if distributed.launched_by_torchrun():
+            replicas = distributed.start(args.device, args.grad_sync)
+            device = replicas.device
+        else:
+            device = resolve_device(args.device)
         if args.resume:
             state = utils.load_checkpoint(args.resume)
             run_dir = utils.checkpoint_path(args.resume).parent
-            cfg = resume_config(state, args, explicit_options(argv), device, run_dir)
-            train(cfg, resume=state)
+            cfg = resume_config(state, args, explicit_options(argv), device, run_dir, quiet=not replicas.is_main)
+            train(cfg, resume=state, replicas=replicas)
         else:
             cfg, preset_line = resolve_config(args, device)
-            train(cfg, preset_line)
-    except (UsageError, ConfigError, data.DataError, utils.CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+            train(cfg, preset_line, replicas=replicas)
+    except (UsageError, ConfigError, distributed.LaunchError) as error:  # the same in every process
+        report(error, rank, every_process=False)
+        return 2
+    except (data.DataError, utils.CheckpointError) as error:  # may differ between machines
+        report(error, rank, every_process=True)
+        return 2
+    except FollowerExit:
         return 2
     except OSError as error:  # a full or failing disk while writing outputs
         where = f" writing {error.filename}" if error.filename else ""
-        print(f"error: {error.strerror or error}{where}. Files are written atomically, so the last good "
-              "checkpoint is intact; free space (or fix the disk) and continue with --resume RUN_DIR.", file=sys.stderr)
+        report(f"{error.strerror or error}{where}. Files are written atomically, so the last good checkpoint is "
+               "intact; free space (or fix the disk) and continue with --resume RUN_DIR.", rank, every_process=True)
         return 2
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(error, rank, every_process=False)
+        return 1
+    except RuntimeError as error:
+        if not distributed.lost_contact(error, replicas):
+            raise
+        report(f"lost contact with the other training processes ({str(error).strip().splitlines()[0]}): one of them "
+               "failed or was stopped, so torchrun stops them all. The last checkpoint on disk is intact; continue "
+               "with torchrun ... main.py --resume RUN_DIR.", rank, every_process=True)
         return 1
     except Stopped as stopped:
-        print(str(stopped), file=sys.stderr)
+        if rank == 0:
+            print(str(stopped), file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:
         print("\ninterrupted at once; the last checkpoint on disk is kept.", file=sys.stderr)
         return 130
+    finally:
+        distributed.stop(replicas)
     return 0
+
+
+def report(error: Exception | str, rank: int, every_process: bool) -> None:
+    """The one-paragraph error; under torchrun from rank 0 alone when every process met the same one."""
+    if rank == 0 or every_process:
+        print(f"error: {f'process {rank}: ' if rank else ''}{error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

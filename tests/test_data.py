@@ -169,6 +169,30 @@ def test_in_memory_batches_are_shuffled_reproducibly_and_cover_the_epoch():
     assert not torch.equal(first, torch.cat(pixels(2)))      # next epoch: reshuffled
 
 
+def test_processes_get_disjoint_equal_shards_reshuffled_each_epoch(tmp_path):
+    images = torch.arange(21, dtype=torch.uint8).view(21, 1, 1, 1).expand(21, 1, 16, 16).contiguous()
+    split = data.TensorImages(images, torch.zeros(21, dtype=torch.long))
+    shards = [data.Batches(split, 3, 16, torch.device("cpu"), seed=7, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [len(b) for b in shards] == [3, 3]  # 10 images each (one dropped), 3 batches of 3
+
+    def seen(batches, epoch):
+        return torch.cat([x[:, 0, 0, 0] for x, _ in batches.epoch(epoch)]).tolist()
+
+    first = [seen(b, 1) for b in shards]
+    assert len(set(first[0])) == len(set(first[1])) == 9 and not set(first[0]) & set(first[1])
+    assert first == [seen(b, 1) for b in shards]                                  # reproducible
+    assert [set(seen(b, 2)) for b in shards] != [set(s) for s in first]           # reshuffled across processes
+    # A process resuming at batch 2 gets the rest of its own shard.
+    rest = [x for x, _ in shards[1].epoch(1, start=2)]
+    assert len(rest) == 1 and rest[0][:, 0, 0, 0].tolist() == first[1][6:]
+    # Image files: the same sampler decides each process's files.
+    write_images(tmp_path, 8)
+    files = data.load_dataset("folder", tmp_path, image_size=16, channels=3).train
+    orders = [data.Batches(files, 2, 16, torch.device("cpu"), seed=0, num_workers=0, rank=r, world_size=2).order(1)
+              for r in (0, 1)]
+    assert len(orders[0]) == len(orders[1]) and not set(orders[0].tolist()) & set(orders[1].tolist())
+
+
 def test_resize_and_unit_range():
     images = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
     out = data.resize(data.to_unit_range(images), 32)
