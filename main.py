@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ SAMPLE_GRID = 64          # prior samples in each sample grid (8x8)
 RECONSTRUCTION_PAIRS = 32  # held-out images (and their reconstructions) in each reconstruction grid
 TIMING_STEPS = 10          # report the measured step time after this many steps
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -655,14 +657,17 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
     if cfg.sync_bn and replicas.active and device.type != "cuda":
         raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU. Leave it out "
                          "(each process then normalises by the statistics of its own batch).")
-    splits = data.load_dataset(cfg.dataset, cfg.data_root, cfg.image_size, cfg.channels)
+    # Rank 0 first: it downloads what is missing, then the others read what it wrote.
+    splits = rank_0_first(replicas, lambda: data.load_dataset(cfg.dataset, cfg.data_root, cfg.image_size,
+                                                              cfg.channels), then_the_others=True)
     batches = data.Batches(splits.train, cfg.batch_size, cfg.image_size, device, cfg.seed, cfg.num_workers,
                            replicas.rank, replicas.world_size)
     if len(batches) == 0:
         each = f" for each of {replicas.world_size} processes" if replicas.active else ""
         raise UsageError(f"the training split has {len(splits.train)} images, fewer than --batch-size "
                          f"{cfg.batch_size}{each}; lower --batch-size or add images.")
-    out = prepare_run_dir(cfg, resume is not None, replicas)
+    rank_0_first(replicas, lambda: prepare_out_dir(cfg, resuming=resume is not None), then_the_others=False)
+    out = Path(cfg.out).expanduser()
     seed_everything(cfg.seed)  # the same initial weights in every process
     model_cfg, loss_cfg = cfg.model_config(), cfg.loss_config()
     nets = build_networks(model_cfg, device, cfg.model)
@@ -803,17 +808,18 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
     return out
 
 
-def prepare_run_dir(cfg: TrainConfig, resuming: bool, replicas: Replicas) -> Path:
-    """prepare_out_dir in rank 0; every process raises if it failed there."""
-    failure = None
+def rank_0_first(replicas: Replicas, action: Callable[[], T], then_the_others: bool) -> T | None:
+    """Run `action` in rank 0 (alone, under torchrun); if it fails there, every process stops
+    (rank 0 reports why). Then, if `then_the_others`, the other processes run it too."""
+    result, failure = None, None
     if replicas.is_main:
         try:
-            prepare_out_dir(cfg, resuming)
-        except UsageError as error:
+            result = action()
+        except (UsageError, data.DataError) as error:
             failure = error
     if replicas.any(failure is not None):
-        raise failure or FollowerExit("rank 0 could not prepare the run folder")
-    return Path(cfg.out).expanduser()
+        raise failure or FollowerExit("rank 0 met an error and reports it")
+    return action() if then_the_others and not replicas.is_main else result
 
 
 def convert_sync_batchnorm(nets: Networks, replicas: Replicas) -> str:

@@ -172,3 +172,13 @@ def test_bench_compares_ddp_and_bucketed_all_reduce(tmp_path):
     assert ddp["images_per_second"] == pytest.approx(16 / ddp["seconds"])  # both processes' images
     assert allreduce["flops"] == ddp["flops"] > 0
     assert report["allreduce_over_ddp"] == pytest.approx(allreduce["seconds"] / ddp["seconds"])
+
+
+def test_rank_0_alone_downloads_and_reports_a_failed_download(tmp_path):
+    run = torchrun(tmp_path, ROOT / "main.py", "--dataset", "fashion-mnist", "--data-root", "data", *TINY,
+                   "--out", "run", timeout=240)
+    if run.returncode == 0:
+        pytest.skip("the download succeeded: this machine has internet access")
+    assert run.stdout.count("downloading it (once)") == 1
+    assert run.stderr.count("error: ") == 1 and "could not download Fashion-MNIST" in run.stderr
+    assert "exitcode  : 2" in run.stderr and not (tmp_path / "run").exists()
