@@ -1,7 +1,7 @@
 """Benchmark the training step against a naive step and the machine's matmul rate, in one process.
 
     python3 bench.py [--image-size 64] [--channels 1] [--width 1.0] [--batch-size 64]
-                     [--device auto] [--steps N] [--json FILE]
+                     [--device auto] [--steps N] [--[no-]channels-last] [--json FILE]
 
 Three measurements alternate (A B C A B C ...) after a warm-up, so drift on a noisy
 machine affects all of them alike:
@@ -10,9 +10,12 @@ machine affects all of them alike:
            retain_graph and zeroed gradients in between (how most public ports do it),
            then the three optimizer steps;
   matmul   a large float32 matrix product (on CUDA also bfloat16): the machine's rate;
-  and, with --amp, --channels-last or --compile, the project's step with that path on,
-  reported as a speed-up over the float32 eager step.
-Both steps update all three networks (equilibrium gate off) so that they do equal work.
+  and, with --amp or --compile, the project's step with that path on, reported as a
+  speed-up over the float32 eager step.
+Both steps update all three networks (equilibrium gate off) so that they do equal work, in
+the memory format training uses on the device (channels-last on the CPU, else NCHW;
+--[no-]channels-last overrides it); in channels-last the float32 eager step is also timed
+in NCHW (project_contiguous), which gives channels-last's speed-up.
 
 Under torchrun (torchrun --nproc-per-node N bench.py ...) it times instead the two ways of
 averaging gradients across the processes, each in every process on its own images:
@@ -137,6 +140,14 @@ def matmul_case(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], 
     return run, 2 * size**3 * repeats
 
 
+def in_format(nets: main.Networks, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Put the networks (in place) and the images in NHWC or NCHW memory format; returns the images."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for module in nets.modules().values():
+        module.to(memory_format=layout)
+    return x.contiguous(memory_format=layout)
+
+
 def fast_path_case(model_cfg: ModelConfig, x: torch.Tensor, amp: str = "off", channels_last: bool = False,
                    compile: bool = False, replicas: Replicas = SINGLE) -> Callable[[], None]:
     """The project's step with one of the GPU fast paths switched on (and, under torchrun, its
@@ -146,34 +157,36 @@ def fast_path_case(model_cfg: ModelConfig, x: torch.Tensor, amp: str = "off", ch
     step_nets, precision, notes = main.fast_paths(nets, amp, channels_last, compile, x.device, replicas)
     for note in notes if replicas.is_main else []:
         print(f"{note}", file=sys.stderr)
-    x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = in_format(nets, x, channels_last)
     return lambda: main.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision, replicas=replicas)
 
 
 def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_size: int = 64,
           device: str = "auto", steps: int = 5, warmup: int = 1, amp: str = "off",
-          channels_last: bool = False, compile: bool = False, replicas: Replicas = SINGLE) -> dict:
+          channels_last: bool | None = None, compile: bool = False, replicas: Replicas = SINGLE) -> dict:
     """Run the measurements alternately; returns the report as a dict."""
     dev = replicas.device if replicas.active else main.resolve_device(device)
+    layout = main.default_channels_last(dev) if channels_last is None else channels_last
     torch.manual_seed(replicas.rank)  # under torchrun each process its own images
     model_cfg = ModelConfig(image_size=image_size, channels=channels, width=width)
     x = torch.rand(batch_size, channels, image_size, image_size, device=dev) * 2 - 1
     images = batch_size * replicas.world_size
     if replicas.active:  # the two ways of averaging gradients, instead of the naive step
         cases: dict[str, dict] = {
-            name: {"run": fast_path_case(model_cfg, x, replicas=dataclasses.replace(replicas, grad_sync=sync)),
-                   "images": images}
+            name: {"run": fast_path_case(model_cfg, x, channels_last=layout,
+                                         replicas=dataclasses.replace(replicas, grad_sync=sync)), "images": images}
             for name, sync in (("project", "ddp"), ("project_allreduce", "allreduce"))}
     else:
-        cases = {"project": {"run": fast_path_case(model_cfg, x), "images": batch_size}}
+        cases = {"project": {"run": fast_path_case(model_cfg, x, channels_last=layout), "images": batch_size}}
         nets = main.build_networks(model_cfg, dev)
         optimizers = main.build_optimizers(nets, 3e-4, 0.9)
-        cases["naive"] = {"run": lambda: naive_step(nets, optimizers, x, ALL_UPDATES), "images": batch_size}
-    fast = {f"project_amp_{amp}": dict(amp=amp)} if amp != "off" else {}
-    if channels_last:
-        fast["project_channels_last"] = dict(channels_last=True)
+        naive_x = in_format(nets, x, layout)
+        cases["naive"] = {"run": lambda: naive_step(nets, optimizers, naive_x, ALL_UPDATES), "images": batch_size}
+    fast = {f"project_amp_{amp}": dict(amp=amp, channels_last=layout)} if amp != "off" else {}
     if compile:
-        fast["project_compile"] = dict(compile=True)
+        fast["project_compile"] = dict(compile=True, channels_last=layout)
+    if layout:
+        fast["project_contiguous"] = dict(channels_last=False)
     for name, options in fast.items():
         cases[name] = {"run": fast_path_case(model_cfg, x, **options, replicas=replicas), "images": images}
     matmuls = [("matmul_fp32", torch.float32)] + ([("matmul_bf16", torch.bfloat16)] if dev.type == "cuda" else [])
@@ -207,7 +220,7 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
         "processes": replicas.world_size,
         "torch": torch.__version__,
         "config": {"image_size": image_size, "channels": channels, "width": width, "batch_size": batch_size,
-                   "steps": steps, "warmup": warmup},
+                   "channels_last": layout, "steps": steps, "warmup": warmup},
         "results": {},
     }
     for name, case in cases.items():
@@ -227,8 +240,10 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
         report["allreduce_over_ddp"] = report["results"]["project_allreduce"]["seconds"] / project_seconds
     else:
         report["naive_over_project"] = report["results"]["naive"]["seconds"] / project_seconds
-    for name in fast:
+    for name in fast.keys() - {"project_contiguous"}:
         report["results"][name]["speedup_over_fp32_eager"] = project_seconds / report["results"][name]["seconds"]
+    if "project_contiguous" in fast:
+        report["channels_last_speedup"] = report["results"]["project_contiguous"]["seconds"] / project_seconds
     return report
 
 
@@ -249,13 +264,14 @@ def format_report(report: dict) -> str:
         f"{report['device_name']} ({report['device']}, {report['threads']} threads), torch {report['torch']}"
         + (f", {report['processes']} processes (images/s: all of them)" if report["processes"] > 1 else ""),
         f"config: {cfg['channels']}x{cfg['image_size']}x{cfg['image_size']}, width {cfg['width']}, "
-        f"batch {cfg['batch_size']}, median of {cfg['steps']} after {cfg['warmup']} warm-up",
-        f"{'':17} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}",
+        f"batch {cfg['batch_size']}, {'channels-last (NHWC)' if cfg['channels_last'] else 'NCHW'}, "
+        f"median of {cfg['steps']} after {cfg['warmup']} warm-up",
+        f"{'':18} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}",
     ]
     for name, r in report["results"].items():
         images = f"{r['images_per_second']:9.1f}" if r["images_per_second"] else f"{'':9}"
         share = f"{r['share_of_matmul']:9.0%}" if "share_of_matmul" in r else f"{'':9}"
-        lines.append(f"{name:17} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
+        lines.append(f"{name:18} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
                      f"{r['flop_per_second'] / 1e9:9.1f} {share} {r['peak_memory_bytes'] / 2**20:9.1f}")
     if "naive_over_project" in report:
         lines.append(f"naive / project: {report['naive_over_project']:.2f}x")
@@ -265,6 +281,9 @@ def format_report(report: dict) -> str:
     for name, r in report["results"].items():
         if "speedup_over_fp32_eager" in r:
             lines.append(f"{name} / project (fp32 eager): {r['speedup_over_fp32_eager']:.2f}x faster")
+    if "channels_last_speedup" in report:
+        lines.append(f"channels-last speed-up over NCHW (project_contiguous / project): "
+                     f"{report['channels_last_speedup']:.2f}x")
     return "\n".join(lines)
 
 
@@ -278,7 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--amp", default="off", choices=main.AMP_DTYPES, help="also time the step in this precision")
-    p.add_argument("--channels-last", action="store_true", help="also time the step in NHWC memory format")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="memory format of the timed steps (default: as training on the device: NHWC on the CPU)")
     p.add_argument("--compile", action="store_true", help="also time the step with torch.compile")
     p.add_argument("--json", help="also write the report as JSON to this file")
     return p.parse_args(argv)

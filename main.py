@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="makes a run repeatable")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU)")
     g.add_argument("--amp", default="off", choices=AMP_DTYPES, help="mixed precision (fp16 with loss scaling)")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory format for the networks and images")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC memory format for the networks and images (default: on for the CPU, where it measured "
+                        "1.3x faster, off elsewhere)")
     g.add_argument("--compile", action="store_true", help="torch.compile the three networks (falls back to eager)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over all processes' images (SyncBatchNorm)")
@@ -201,6 +203,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def default_channels_last(device: torch.device) -> bool:
+    """NHWC on the CPU, where oneDNN's convolutions ran the step 1.27-1.34x faster (README); GPUs keep NCHW."""
+    return device.type == "cpu"
+
+
 def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainConfig, str]:
     """Fill preset values the command line left out; returns the config and a line saying what was chosen."""
     preset = args.preset if args.preset != "auto" else ("cpu" if device.type == "cpu" else "paper")
@@ -213,6 +220,8 @@ def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[Trai
     given = {f.name for f in fields(TrainConfig)} & vars(args).keys()
     cfg = TrainConfig(**{**{k: getattr(args, k) for k in given}, **chosen,
                          "preset": preset, "device": str(device),
+                         "channels_last": default_channels_last(device) if args.channels_last is None
+                         else args.channels_last,
                          "channels": spec.channels or args.channels or 3,
                          "equilibrium": None if args.no_equilibrium else args.equilibrium,
                          "out": args.out or f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"})

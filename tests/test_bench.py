@@ -55,6 +55,19 @@ def test_bench_times_the_fast_paths_against_fp32_eager(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.run(["--image-size", "16", "--width", "0.125", "--batch-size", "8", "--steps", "1",
                       "--amp", "bf16", "--channels-last", "--json", str(out)]) == 0
-    results = json.loads(out.read_text())["results"]
-    for name in ("project_amp_bf16", "project_channels_last"):
-        assert results[name]["speedup_over_fp32_eager"] > 0 and results[name]["flops"] == results["project"]["flops"]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["config"]["channels_last"] is True
+    assert results["project_amp_bf16"]["speedup_over_fp32_eager"] > 0
+    assert results["project_amp_bf16"]["flops"] == results["project_contiguous"]["flops"] == results["project"]["flops"]
+    assert report["channels_last_speedup"] == pytest.approx(
+        results["project_contiguous"]["seconds"] / results["project"]["seconds"])
+
+
+def test_bench_compares_in_the_format_training_uses(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.run(["--image-size", "16", "--width", "0.125", "--batch-size", "8", "--steps", "1",
+                      "--no-channels-last", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["channels_last"] is False and "project_contiguous" not in report["results"]
+    assert main.default_channels_last(torch.device("cpu")) and not main.default_channels_last(torch.device("cuda"))

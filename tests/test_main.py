@@ -212,3 +212,10 @@ def test_unusable_image_folder_through_the_command_line(tmp_path, case, words):
     result = run_cli("--dataset", "folder", "--data-root", str(images), "--out", str(out), *TINY)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_channels_last_is_the_cpu_default_and_can_be_turned_off(tmp_path):
+    for flags, expected in (([], True), (["--no-channels-last"], False)):
+        out = tmp_path / f"run{len(flags)}"
+        assert main.main(["--out", str(out), "--max-steps", "1", *TINY, *flags]) == 0
+        assert json.loads((out / "config.json").read_text())["channels_last"] is expected
