@@ -15,6 +15,7 @@ import torch
 import distributed
 import main
 from conftest import ROOT
+from models import ModelConfig
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 TINY = ["--image-size", "16", "--width", "0.125", "--batch-size", "16", "--num-workers", "0"]
@@ -182,3 +183,18 @@ def test_rank_0_alone_downloads_and_reports_a_failed_download(tmp_path):
     assert run.stdout.count("downloading it (once)") == 1
     assert run.stderr.count("error: ") == 1 and "could not download Fashion-MNIST" in run.stderr
     assert "exitcode  : 2" in run.stderr and not (tmp_path / "run").exists()
+
+
+def test_sync_bn_converts_every_batchnorm_and_keeps_checkpoints_compatible():
+    nets = main.build_networks(ModelConfig(image_size=16, width=0.125))
+    keys = {name: set(m.state_dict()) for name, m in nets.modules().items()}
+    weights = {name: [p.clone() for p in m.parameters()] for name, m in nets.modules().items()}
+    note = main.convert_sync_batchnorm(nets, distributed.Replicas(rank=0, world_size=2))
+    assert "SyncBatchNorm" in note
+    for name, module in nets.modules().items():
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+        assert set(module.state_dict()) == keys[name]  # the same checkpoint keys as without --sync-bn
+        assert all(torch.equal(a, b) for a, b in zip(module.parameters(), weights[name]))
+    assert "no effect" in main.convert_sync_batchnorm(main.build_networks(ModelConfig(image_size=16, width=0.125)),
+                                                      distributed.SINGLE)
