@@ -187,8 +187,9 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
         fast["project_compile"] = dict(compile=True, channels_last=layout)
     if layout:
         fast["project_contiguous"] = dict(channels_last=False)
+    like_project = dataclasses.replace(replicas, grad_sync="ddp")  # under torchrun "project" is the DDP step
     for name, options in fast.items():
-        cases[name] = {"run": fast_path_case(model_cfg, x, **options, replicas=replicas), "images": images}
+        cases[name] = {"run": fast_path_case(model_cfg, x, **options, replicas=like_project), "images": images}
     matmuls = [("matmul_fp32", torch.float32)] + ([("matmul_bf16", torch.bfloat16)] if dev.type == "cuda" else [])
     for name, dtype in matmuls:
         run, flops = matmul_case(dev, dtype)

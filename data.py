@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -358,12 +359,19 @@ class Batches:
             return
         loader = torch.utils.data.DataLoader(
             self.split, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals,
             generator=torch.Generator().manual_seed(epoch),  # keeps the global RNG untouched, for exact resume
         )
         for images, indices in loader:
             images, dropped = drop_unreadable(images, indices)
             yield images.to(self.device, non_blocking=True), dropped
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the training process, which stops after its step
+    (torchrun and terminals signal the whole process group, workers included)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def heldout_images(split: Split, count: int, image_size: int) -> torch.Tensor:

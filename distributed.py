@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ import torch.nn as nn
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 GRAD_SYNCS = ("ddp", "allreduce")  # and "auto": allreduce on the CPU, ddp on CUDA
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket size
+# Control decisions (stop, skip, "rank 0 is ready") travel on a CPU (gloo) group that waits this
+# long: rank 0 may spend an hour downloading CelebA while the others wait for it.
+CONTROL_TIMEOUT = timedelta(hours=6)
 
 
 class LaunchError(Exception):
@@ -41,6 +45,7 @@ class Replicas:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives run
     grad_sync: str = "ddp"
+    control: object = None  # the gloo group for decisions (a torch ProcessGroup)
 
     @property
     def active(self) -> bool:
@@ -85,13 +90,13 @@ class Replicas:
         """True on every process if `flag` is true on any of them."""
         if not self.active:
             return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
         return bool(value.item())
 
     def barrier(self) -> None:
         if self.active:
-            dist.barrier()
+            dist.barrier(group=self.control)
 
 
 SINGLE = Replicas()
@@ -143,9 +148,11 @@ def start(device_name: str, grad_sync: str = "auto") -> Replicas:
         grad_sync = "ddp" if device.type == "cuda" else "allreduce"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Replicas(rank, world_size, device, grad_sync)
+    if world_size == 1:
+        return Replicas(rank, world_size, device, grad_sync)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return Replicas(rank, world_size, device, grad_sync, control)
 
 
 def lost_contact(error: RuntimeError, replicas: Replicas) -> bool:

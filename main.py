@@ -935,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv[0], argv[1:])
     if argv and argv[0] == "train":
         argv = argv[1:]
-    rank = int(os.environ.get("RANK", 0))  # set by torchrun; rank 0 alone reports what all processes meet
+    rank = int(os.environ.get("RANK", 0))  # set by torchrun; rank 0 reports what all processes meet
     parser = build_parser()
     if rank > 0:
         parser.error = lambda message: sys.exit(2)
@@ -955,28 +955,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg, preset_line = resolve_config(args, device)
             train(cfg, preset_line, replicas=replicas)
-    except (UsageError, ConfigError, distributed.LaunchError) as error:  # the same in every process
-        report(error, rank, every_process=False)
+    except (UsageError, ConfigError) as error:  # the command line: the same in every process
+        report(error, rank, every_machine=False)
         return 2
-    except (data.DataError, utils.CheckpointError) as error:  # may differ between machines
-        report(error, rank, every_process=True)
+    except (distributed.LaunchError, data.DataError, utils.CheckpointError) as error:  # may differ between machines
+        report(error, rank, every_machine=True)
         return 2
     except FollowerExit:
         return 2
     except OSError as error:  # a full or failing disk while writing outputs
         where = f" writing {error.filename}" if error.filename else ""
         report(f"{error.strerror or error}{where}. Files are written atomically, so the last good checkpoint is "
-               "intact; free space (or fix the disk) and continue with --resume RUN_DIR.", rank, every_process=True)
+               "intact; free space (or fix the disk) and continue with --resume RUN_DIR.", rank, every_machine=True)
         return 2
     except TrainingDiverged as error:
-        report(error, rank, every_process=False)
+        report(error, rank, every_machine=False)
         return 1
     except RuntimeError as error:
         if not distributed.lost_contact(error, replicas):
             raise
         report(f"lost contact with the other training processes ({str(error).strip().splitlines()[0]}): one of them "
                "failed or was stopped, so torchrun stops them all. The last checkpoint on disk is intact; continue "
-               "with torchrun ... main.py --resume RUN_DIR.", rank, every_process=True)
+               "with torchrun ... main.py --resume RUN_DIR.", rank, every_machine=True)
         return 1
     except Stopped as stopped:
         if rank == 0:
@@ -990,9 +990,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(error: Exception | str, rank: int, every_process: bool) -> None:
-    """The one-paragraph error; under torchrun from rank 0 alone when every process met the same one."""
-    if rank == 0 or every_process:
+def report(error: Exception | str, rank: int, every_machine: bool) -> None:
+    """The one-paragraph error. Under torchrun rank 0 reports it, and for what can differ between
+    machines (devices, files) also the first process of every other machine."""
+    other_machine = int(os.environ.get("GROUP_RANK", 0)) > 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if rank == 0 or (every_machine and other_machine):
         print(f"error: {f'process {rank}: ' if rank else ''}{error}", file=sys.stderr)
 
 

@@ -1,12 +1,14 @@
 import gzip
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import data
-from conftest import write_idx, write_images
+from conftest import ROOT, write_idx, write_images
 
 
 def tiny_idx_dataset(folder, n_train=70, n_test=20, gz=False):
@@ -209,3 +211,11 @@ def test_celeba_attribute_list(tmp_path):
     names, labels, keep = data.celeba_attributes(tmp_path, files)
     assert names == ["Smiling", "Eyeglasses"] and keep == [0, 2]
     assert labels.tolist() == [[True, True], [True, False]]
+
+
+def test_loader_workers_leave_stop_signals_to_the_training_process():
+    # torchrun and terminals signal a whole process group; a loader worker must not die of it.
+    code = ("import os, signal, data; data.ignore_stop_signals(0); "
+            "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); print('alive')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr

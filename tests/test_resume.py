@@ -68,9 +68,10 @@ def test_resume_across_an_epoch_boundary_with_file_dataset_workers(tmp_path):
     assert steps_in_metrics(split) == list(range(1, 7))
 
 
-def wait_for_training(process, run, seconds=1.5):
+def wait_for_training(process, run, seconds=1.5, ready="config.json"):
+    """Wait until the run has written `ready`, then `seconds` more."""
     deadline = time.time() + 120
-    while not (run / "config.json").exists():
+    while not (run / ready).exists():
         assert process.poll() is None, process.communicate()
         assert time.time() < deadline
         time.sleep(0.1)
@@ -99,7 +100,8 @@ def test_sigkill_at_random_moments_always_leaves_a_resumable_run(tmp_path, real_
             "--sample-every", "50", *TINY]
     for attempt in range(4):
         process = start_cli(*args) if attempt == 0 else start_cli("--resume", str(run), "--checkpoint-every", "7")
-        wait_for_training(process, run, seconds=rng.uniform(0.5, 2.5))
+        # a random moment after the first checkpoint (before it there is nothing to resume, by design)
+        wait_for_training(process, run, seconds=rng.uniform(0.5, 2.5), ready="checkpoint.pt")
         process.kill()
         process.wait()
         state = utils.load_checkpoint(run)  # loadable after every kill
