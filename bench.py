@@ -142,7 +142,7 @@ def matmul_case(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], 
 
 def in_format(nets: main.Networks, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Put the networks (in place) and the images in NHWC or NCHW memory format; returns the images."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = main.memory_format(channels_last)
     for module in nets.modules().values():
         module.to(memory_format=layout)
     return x.contiguous(memory_format=layout)
@@ -157,7 +157,7 @@ def fast_path_case(model_cfg: ModelConfig, x: torch.Tensor, amp: str = "off", ch
     step_nets, precision, notes = main.fast_paths(nets, amp, channels_last, compile, x.device, replicas)
     for note in notes if replicas.is_main else []:
         print(f"{note}", file=sys.stderr)
-    x = in_format(nets, x, channels_last)
+    x = x.contiguous(memory_format=main.memory_format(channels_last))  # fast_paths put the networks in it
     return lambda: main.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision, replicas=replicas)
 
 

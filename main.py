@@ -203,6 +203,10 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def default_channels_last(device: torch.device) -> bool:
     """NHWC on the CPU, where oneDNN's convolutions ran the step 1.27-1.34x faster (README); GPUs keep NCHW."""
     return device.type == "cpu"
@@ -683,7 +687,7 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
     sync_bn_note = convert_sync_batchnorm(nets, replicas) if cfg.sync_bn else ""
     optimizers = build_optimizers(nets, cfg.lr, cfg.rmsprop_alpha)
     step_nets, precision, fast_path_notes = fast_paths(nets, cfg.amp, cfg.channels_last, cfg.compile, device, replicas)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    layout = memory_format(cfg.channels_last)
     fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     heldout = data.heldout_images(splits.heldout, RECONSTRUCTION_PAIRS, cfg.image_size).to(device)
     counts = {name: count_parameters(m) for name, m in nets.modules().items()}
@@ -740,9 +744,14 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
             log.flush()
             utils.save_checkpoint(state, out / "checkpoint.pt")
 
+    def grids(tag: str) -> None:
+        """Rank 0 writes the grids; with SyncBatchNorm every process computes them (its statistics gather over all)."""
+        if replicas.is_main or cfg.sync_bn:
+            write_grids(nets, out, tag, fixed_z, heldout, write=replicas.is_main)
+
     def write_outputs(tag: str, epoch_batches: int) -> None:
-        """Grids (computed by every process: SyncBatchNorm gathers over all), plots and checkpoint."""
-        write_grids(nets, out, tag, fixed_z, heldout, write=replicas.is_main)
+        """Grids, plots and checkpoint."""
+        grids(tag)
         if replicas.is_main:
             utils.plot_metrics(log, out / "plots")
         save(epoch_batches)
@@ -767,7 +776,7 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
                 if replicas.any(len(x) < 2):  # every process skips the step if one has no batch to train on
                     continue
                 step_start = time.perf_counter()
-                row = train_step(step_nets, optimizers, x.contiguous(memory_format=memory_format), loss_cfg,
+                row = train_step(step_nets, optimizers, x.contiguous(memory_format=layout), loss_cfg,
                                  precision=precision, replicas=replicas)
                 step += 1
                 now = time.perf_counter()
@@ -786,7 +795,7 @@ def train(cfg: TrainConfig, preset_line: str = "", resume: dict | None = None,
                                f"{format_duration(per_step * len(batches))}, the remaining {total_steps - first_step} "
                                f"steps about {format_duration(per_step * (total_steps - first_step))}")
                 if cfg.sample_every and step % cfg.sample_every == 0:
-                    write_grids(nets, out, f"step_{step:07d}", fixed_z, heldout, write=replicas.is_main)
+                    grids(f"step_{step:07d}")
                 if replicas.any(stop.signum is not None):  # a signal to any process stops them all here
                     write_outputs(f"step_{step:07d}", position)  # show where it stopped
                     replicas.barrier()  # no process leaves before the checkpoint is on disk
