@@ -15,7 +15,9 @@ machine affects all of them alike:
 Both steps update all three networks (equilibrium gate off) so that they do equal work, in
 the memory format training uses on the device (channels-last on the CPU, else NCHW;
 --[no-]channels-last overrides it); in channels-last the float32 eager step is also timed
-in NCHW (project_contiguous), which gives channels-last's speed-up.
+in NCHW (project_contiguous), which gives channels-last's speed-up. Peak memory is measured
+afterwards, in one more step of each, so that measuring it does not slow the timed ones. On the
+CPU the process keeps freed memory for reuse, as training does (main.keep_freed_memory).
 
 Under torchrun (torchrun --nproc-per-node N bench.py ...) it times instead the two ways of
 averaging gradients across the processes, each in every process on its own images:
@@ -56,7 +58,7 @@ def naive_step(nets: main.Networks, optimizers: dict[str, torch.optim.Optimizer]
     mean, logvar = nets.encoder(x)
     z = losses.reparameterize(mean, logvar, eps)
     generated = nets.decoder(torch.cat([z, z_prior]))
-    logits, dis_l = nets.discriminator(torch.cat([x, generated]))
+    logits, dis_l = nets.discriminator(x, generated)
     loss_prior = losses.kl_divergence(mean, logvar)
     loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
     loss_gan = losses.discriminator_loss(logits[:n], logits[n:], cfg.real_weight)
@@ -85,11 +87,16 @@ def synchronize(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or on the CPU peak resident growth (sampled)."""
+    """Peak memory of a block: CUDA max allocated, or on the CPU peak resident growth (sampled).
+
+    On the CPU the allocator first hands its free memory back to the system (glibc), so that
+    the growth is the block's own need rather than what earlier blocks left for reuse.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.libc = main.glibc()
 
     def resident(self) -> int:
         with open("/proc/self/statm") as f:
@@ -104,6 +111,8 @@ class PeakMemory:
             yield result
             result["bytes"] = torch.cuda.max_memory_allocated(self.device) - start
             return
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
         start, peak, done = self.resident(), [0], threading.Event()
 
         def sample() -> None:
@@ -166,6 +175,7 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
           channels_last: bool | None = None, compile: bool = False, replicas: Replicas = SINGLE) -> dict:
     """Run the measurements alternately; returns the report as a dict."""
     dev = replicas.device if replicas.active else main.resolve_device(device)
+    main.keep_freed_memory(dev)  # as training does
     layout = main.default_channels_last(dev) if channels_last is None else channels_last
     torch.manual_seed(replicas.rank)  # under torchrun each process its own images
     model_cfg = ModelConfig(image_size=image_size, channels=channels, width=width)
@@ -199,20 +209,22 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
     for name in [*fast, "project_allreduce"] if replicas.active else fast:  # the same arithmetic as "project"
         cases[name]["flops"] = cases["project"]["flops"]
 
-    memory = PeakMemory(dev)
     times: dict[str, list[float]] = {name: [] for name in cases}
-    peaks: dict[str, int] = {name: 0 for name in cases}
     for round_index in range(warmup + steps):
         for name, case in cases.items():
             synchronize(dev)
-            with memory.measure() as peak:
-                start = time.perf_counter()
-                case["run"]()
-                synchronize(dev)
-                elapsed = time.perf_counter() - start
+            start = time.perf_counter()
+            case["run"]()
+            synchronize(dev)
             if round_index >= warmup:
-                times[name].append(elapsed)
-                peaks[name] = max(peaks[name], peak["bytes"])
+                times[name].append(time.perf_counter() - start)
+    memory = PeakMemory(dev)  # measured apart, so that its sampling thread does not slow the timed rounds
+    peaks: dict[str, int] = {}
+    for name, case in cases.items():
+        with memory.measure() as peak:
+            case["run"]()
+            synchronize(dev)
+        peaks[name] = peak["bytes"]
 
     report = {
         "device": str(dev),

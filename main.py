@@ -8,6 +8,7 @@ network's gradient from its own loss only (Algorithm 1), then the optimizer step
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import random
@@ -210,6 +211,30 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 def default_channels_last(device: torch.device) -> bool:
     """NHWC on the CPU, where oneDNN's convolutions ran the step 1.27-1.34x faster (README); GPUs keep NCHW."""
     return device.type == "cpu"
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library if it is GNU's (Linux), whose malloc can be tuned; else None."""
+    try:
+        is_glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))  # "glibc 2.36"; None or an error elsewhere
+    except (ValueError, OSError, AttributeError):
+        return None
+    return ctypes.CDLL(None) if is_glibc else None
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """Training on a CPU under glibc: allocate from malloc's heap and keep freed memory for reuse.
+
+    By default glibc serves large blocks (the activations) with fresh pages from the kernel and
+    returns them when they are freed, so every step page-faults and zeroes the same buffers
+    again. Keeping them made the paper network's CPU step 1.3x faster here, for about 15% more
+    resident memory, which then stays at its peak (README, Speed). Returns whether it applied.
+    """
+    libc = glibc() if device.type == "cpu" else None
+    if libc is None:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainConfig, str]:
@@ -420,9 +445,8 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
             codes = torch.cat([losses.reparameterize(mean, logvar, eps), z_prior])
         else:
             codes = z_prior
-        generated = nets.decoder(codes)                                   # (2n or n, C, S, S): [x~,] x_p
-        generated_in = generated.detach().requires_grad_()                # routes image gradients by hand
-        logits, dis_l = nets.discriminator(torch.cat([x, generated_in]))  # one pass over x, [x~,] x_p
+        generated = nets.decoder(codes)                         # (2n or n, C, S, S): [x~,] x_p
+        logits, dis_l = nets.discriminator(x, generated)        # one pass over x, [x~,] x_p
     logits, dis_l = at_least_float32(logits), at_least_float32(dis_l)
     logits_real, logits_fake = logits[:n], logits[n:]
 
@@ -435,6 +459,8 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
     else:
         update_dis, update_dec = equilibrium_gate(*bce, cfg)
 
+    # The image gradients (with respect to `generated`) are routed by hand: the backward passes
+    # through the discriminator stop at the images and do not enter the decoder.
     # Discriminator <- grad L_GAN. For the minimax loss the decoder's GAN term is -L_GAN, so the
     # same backward pass also yields its image gradient.
     needs_gan_images = update_dec and dec_gan_weight > 0
@@ -442,12 +468,12 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
     grad_gan_images = None
     if update_dis:
         dis_params = list(nets.discriminator.parameters())
-        backward_into(dis_params + [generated_in] if reuse else dis_params, [precision.scaled(loss_gan)],
+        backward_into(dis_params + [generated] if reuse else dis_params, [precision.scaled(loss_gan)],
                       retain_graph=True)
-        grad_gan_images = -generated_in.grad if reuse else None
+        grad_gan_images = -generated.grad if reuse else None
     if needs_gan_images and grad_gan_images is None:
-        grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated_in, retain_graph=has_encoder)
-    upstream = dec_gan_weight * grad_gan_images if needs_gan_images else torch.zeros_like(generated_in)
+        grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated, retain_graph=has_encoder)
+    upstream = dec_gan_weight * grad_gan_images if needs_gan_images else torch.zeros_like(generated)
 
     stats = {"loss_prior": torch.tensor(math.nan), "loss_llike": torch.tensor(math.nan)}
     if has_encoder:
@@ -455,7 +481,7 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
         loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
         stats = {"loss_prior": loss_prior, "loss_llike": loss_llike}
         # Image gradient of L_llike: through the discriminator, which it must not train.
-        grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated_in)
+        grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated)
         upstream = upstream + dec_llike_weight * grad_llike_images
     # Decoder <- its objective, through the generated images.
     if update_dec:
@@ -956,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
             device = replicas.device
         else:
             device = resolve_device(args.device)
+        keep_freed_memory(device)
         if args.resume:
             state = utils.load_checkpoint(args.resume)
             run_dir = utils.checkpoint_path(args.resume).parent

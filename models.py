@@ -151,16 +151,23 @@ class Discriminator(nn.Module):
             nn.Linear(hidden, 1),
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x
-        dis_l = None
-        for index, stage in enumerate(self.stages, start=1):
-            conv, rest = stage[0], stage[1:]
-            h = conv(h)
-            if index == self.recon_layer:
-                dis_l = h.flatten(1)
-            h = rest(h)
-        return self.classifier(h).squeeze(1), dis_l
+    def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One or more image batches, treated exactly as their concatenation (one batch for BatchNorm).
+
+        The batches are concatenated only where the first BatchNorm mixes their rows, after the
+        second convolution. Up to there each row is computed alone, so a backward pass that needs
+        the gradient of some batches only (the generated images, not the real ones) skips the
+        others' share of the first two convolutions.
+        """
+        first, second, *deeper = self.stages
+        conv1 = [first[0](x) for x in images]                       # (N_i, c1, S, S) each
+        conv2 = torch.cat([second[0](first[1:](h)) for h in conv1])  # (N, c2, S/2, S/2): the batches meet
+        convs = [torch.cat(conv1) if self.recon_layer == 1 else None, conv2]
+        h = second[1:](conv2)
+        for stage in deeper:
+            convs.append(stage[0](h))
+            h = stage[1:](convs[-1])
+        return self.classifier(h).squeeze(1), convs[self.recon_layer - 1].flatten(1)
 
 
 def count_parameters(module: nn.Module) -> int:

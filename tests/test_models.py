@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from models import ConfigError, Decoder, Discriminator, Encoder, ModelConfig, count_parameters
 
@@ -44,6 +45,24 @@ def test_every_recon_layer_is_that_convolution_before_batchnorm(layer, channels,
     _, dis_l = dis(x)
     assert dis_l.shape == (2, cfg.scaled(channels) * (32 // scale) ** 2)
     assert torch.equal(dis_l, captured["out"].flatten(1))
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3, 4])
+def test_several_batches_are_their_concatenation_and_only_the_needed_gradients_are_computed(layer):
+    torch.manual_seed(0)
+    dis = Discriminator(ModelConfig(image_size=16, width=0.125, recon_layer=layer)).double()
+    real = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    fake = torch.rand(5, 1, 16, 16, dtype=torch.float64, requires_grad=True)
+    gradients, flops = [], []
+    for batches in ((real, fake * 1), (torch.cat([real, fake * 1]),)):  # * 1: not a leaf, as the decoder's output
+        with FlopCounterMode(display=False) as counter:
+            logits, dis_l = dis(*batches)
+            objective = logits.sin().sum() + dis_l.cos().sum()
+            gradients.append((logits, dis_l, *torch.autograd.grad(objective, fake)))
+        flops.append(counter.get_total_flops())
+    for split, joined in zip(*gradients):
+        assert torch.allclose(split, joined, rtol=1e-10, atol=1e-12)
+    assert flops[0] < flops[1]  # the real images' share of the first two convolutions' input gradients
 
 
 def widths(net):
