@@ -17,7 +17,8 @@ the memory format training uses on the device (channels-last on the CPU, else NC
 --[no-]channels-last overrides it); in channels-last the float32 eager step is also timed
 in NCHW (project_contiguous), which gives channels-last's speed-up. Peak memory is measured
 afterwards, in one more step of each, so that measuring it does not slow the timed ones. On the
-CPU the process keeps freed memory for reuse, as training does (main.keep_freed_memory).
+CPU the process keeps freed memory for reuse while timing, as training does, and measures
+memory with every large block mapped on its own (main.keep_freed_memory).
 
 Under torchrun (torchrun --nproc-per-node N bench.py ...) it times instead the two ways of
 averaging gradients across the processes, each in every process on its own images:
@@ -89,8 +90,9 @@ def synchronize(device: torch.device) -> None:
 class PeakMemory:
     """Peak memory of a block: CUDA max allocated, or on the CPU peak resident growth (sampled).
 
-    On the CPU the allocator first hands its free memory back to the system (glibc), so that
-    the growth is the block's own need rather than what earlier blocks left for reuse.
+    On the CPU (glibc) malloc first returns its free memory to the system and maps every large
+    block on its own while measuring, so that resident memory follows the tensors alive rather
+    than what earlier blocks left for reuse; afterwards it keeps freed memory again, as training does.
     """
 
     def __init__(self, device: torch.device):
@@ -111,7 +113,7 @@ class PeakMemory:
             yield result
             result["bytes"] = torch.cuda.max_memory_allocated(self.device) - start
             return
-        if self.libc is not None:
+        if main.keep_freed_memory(self.device, keep=False):
             self.libc.malloc_trim(0)
         start, peak, done = self.resident(), [0], threading.Event()
 
@@ -128,6 +130,7 @@ class PeakMemory:
             done.set()
             thread.join()
             result["bytes"] = max(0, max(peak[0], self.resident()) - start)
+            main.keep_freed_memory(self.device)
 
 
 def count_flops(fn: Callable[[], None]) -> int:

@@ -222,19 +222,23 @@ def glibc() -> ctypes.CDLL | None:
     return ctypes.CDLL(None) if is_glibc else None
 
 
-def keep_freed_memory(device: torch.device) -> bool:
+def keep_freed_memory(device: torch.device, keep: bool = True) -> bool:
     """Training on a CPU under glibc: allocate from malloc's heap and keep freed memory for reuse.
 
     By default glibc serves large blocks (the activations) with fresh pages from the kernel and
     returns them when they are freed, so every step page-faults and zeroes the same buffers
     again. Keeping them made the paper network's CPU step 1.3x faster here, for about 15% more
-    resident memory, which then stays at its peak (README, Speed). Returns whether it applied.
+    resident memory, which then stays at its peak (README, Speed). keep=False instead maps
+    every block from 128 KiB up on its own and returns it when freed, so that resident memory
+    follows the tensors alive (bench.py measures peak memory so). Returns whether it applied.
     """
     libc = glibc() if device.type == "cpu" else None
     if libc is None:
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
+    if keep:
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)) and bool(libc.mallopt(M_MMAP_MAX, 1 << 20))
 
 
 def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainConfig, str]:
