@@ -19,6 +19,7 @@ compares the two under torchrun: on the CPU (gloo) the all-reduce was as fast or
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -60,6 +61,11 @@ class Replicas:
         """The module the step should call: wrapped in DDP when DDP averages the gradients."""
         if not (self.active and self.grad_sync == "ddp"):
             return module
+        # The first convolution of grey images has a (c, 1, k, k) weight, whose size-1 dimension may
+        # take either stride. The discriminator applies it to the real and the generated batch, and
+        # the sum of the two gradients comes out with the other stride, which DDP copies into its
+        # bucket (c*k*k numbers) after warning once per process that this "may impair performance".
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         device_ids = [self.device] if self.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
