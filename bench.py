@@ -18,7 +18,9 @@ the memory format training uses on the device (channels-last on the CPU, else NC
 in NCHW (project_contiguous), which gives channels-last's speed-up. Peak memory is measured
 afterwards, in one more step of each, so that measuring it does not slow the timed ones. On the
 CPU the process keeps freed memory for reuse while timing, as training does, and measures
-memory with every large block mapped on its own (main.keep_freed_memory).
+memory with every large block mapped on its own (main.keep_freed_memory): peak MiB is the
+growth of resident memory, alloc MiB the peak growth of what PyTorch's allocator handed out
+(from the profiler's memory events), which leaves out the C library's and oneDNN's own.
 
 Under torchrun (torchrun --nproc-per-node N bench.py ...) it times instead the two ways of
 averaging gradients across the processes, each in every process on its own images:
@@ -34,12 +36,14 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import distributed
@@ -125,12 +129,40 @@ class PeakMemory:
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
         try:
-            yield result
+            with c_stderr_hidden(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+                yield result
         finally:
             done.set()
             thread.join()
             result["bytes"] = max(0, max(peak[0], self.resident()) - start)
+            with c_stderr_hidden():
+                result["allocated_bytes"] = peak_allocated(profiler)
             main.keep_freed_memory(self.device)
+
+
+@contextmanager
+def c_stderr_hidden() -> Iterator[None]:
+    """Hide what C++ code writes to stderr (the profiler logs its start and stop there)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_allocated(profiler: profile) -> int:
+    """Peak growth of the bytes PyTorch's CPU allocator handed out, from the profiler's memory events."""
+    with tempfile.TemporaryDirectory() as folder:
+        trace = os.path.join(folder, "trace.json")
+        profiler.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = [e["args"] for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    totals = [e["Total Allocated"] for e in events]  # after each allocation (Bytes > 0) or free (< 0)
+    return max(totals) - (totals[0] - events[0]["Bytes"]) if events else 0
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -222,12 +254,12 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     memory = PeakMemory(dev)  # measured apart, so that its sampling thread does not slow the timed rounds
-    peaks: dict[str, int] = {}
+    peaks: dict[str, dict] = {}
     for name, case in cases.items():
         with memory.measure() as peak:
             case["run"]()
             synchronize(dev)
-        peaks[name] = peak["bytes"]
+        peaks[name] = peak
 
     report = {
         "device": str(dev),
@@ -246,7 +278,8 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
             "images_per_second": case["images"] / seconds if case["images"] else None,
             "flops": case["flops"],
             "flop_per_second": case["flops"] / seconds,
-            "peak_memory_bytes": peaks[name],
+            "peak_memory_bytes": peaks[name]["bytes"],
+            **({"peak_allocated_bytes": peaks[name]["allocated_bytes"]} if "allocated_bytes" in peaks[name] else {}),
         }
     reference = report["results"]["matmul_fp32"]["flop_per_second"]
     for name in cases.keys() - {name for name, _ in matmuls}:
@@ -282,13 +315,15 @@ def format_report(report: dict) -> str:
         f"config: {cfg['channels']}x{cfg['image_size']}x{cfg['image_size']}, width {cfg['width']}, "
         f"batch {cfg['batch_size']}, {'channels-last (NHWC)' if cfg['channels_last'] else 'NCHW'}, "
         f"median of {cfg['steps']} after {cfg['warmup']} warm-up",
-        f"{'':18} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}",
+        f"{'':18} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}"
+        + (f" {'alloc MiB':>9}" if report["device"] == "cpu" else ""),
     ]
     for name, r in report["results"].items():
         images = f"{r['images_per_second']:9.1f}" if r["images_per_second"] else f"{'':9}"
         share = f"{r['share_of_matmul']:9.0%}" if "share_of_matmul" in r else f"{'':9}"
+        allocated = f" {r['peak_allocated_bytes'] / 2**20:9.1f}" if "peak_allocated_bytes" in r else ""
         lines.append(f"{name:18} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
-                     f"{r['flop_per_second'] / 1e9:9.1f} {share} {r['peak_memory_bytes'] / 2**20:9.1f}")
+                     f"{r['flop_per_second'] / 1e9:9.1f} {share} {r['peak_memory_bytes'] / 2**20:9.1f}{allocated}")
     if "naive_over_project" in report:
         lines.append(f"naive / project: {report['naive_over_project']:.2f}x")
     else:

@@ -41,6 +41,7 @@ def test_bench_reports_every_field(tmp_path, capsys):
         assert r["seconds"] > 0 and r["flops"] > 0 and r["flop_per_second"] > 0 and r["peak_memory_bytes"] >= 0
     for name in ("project", "naive"):
         assert results[name]["images_per_second"] > 0 and 0 < results[name]["share_of_matmul"] < 10
+        assert results[name]["peak_allocated_bytes"] > 8 * 16 * 16 * 4  # at least one activation of the batch
     # The naive step repeats backward work: more FLOPs than the project's for the same updates.
     assert 1.3 < results["naive"]["flops"] / results["project"]["flops"] < 3
     assert report["naive_over_project"] == pytest.approx(results["naive"]["seconds"] / results["project"]["seconds"])
