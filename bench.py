@@ -92,7 +92,8 @@ def synchronize(device: torch.device) -> None:
 
 
 class PeakMemory:
-    """Peak memory of a block: CUDA max allocated, or on the CPU peak resident growth (sampled).
+    """Peak memory of a block: CUDA max allocated, or on the CPU peak resident growth (sampled) and
+    the peak growth of PyTorch's allocations (from the profiler).
 
     On the CPU (glibc) malloc first returns its free memory to the system and maps every large
     block on its own while measuring, so that resident memory follows the tensors alive rather
@@ -316,7 +317,7 @@ def format_report(report: dict) -> str:
         f"batch {cfg['batch_size']}, {'channels-last (NHWC)' if cfg['channels_last'] else 'NCHW'}, "
         f"median of {cfg['steps']} after {cfg['warmup']} warm-up",
         f"{'':18} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}"
-        + (f" {'alloc MiB':>9}" if report["device"] == "cpu" else ""),
+        + (f" {'alloc MiB':>9}" if any("peak_allocated_bytes" in r for r in report["results"].values()) else ""),
     ]
     for name, r in report["results"].items():
         images = f"{r['images_per_second']:9.1f}" if r["images_per_second"] else f"{'':9}"

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", default="off", choices=AMP_DTYPES, help="mixed precision (fp16 with loss scaling)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="NHWC memory format for the networks and images (default: on for the CPU, where it measured "
-                        "1.3x faster, off elsewhere)")
+                        "up to 1.23x faster, off elsewhere)")
     g.add_argument("--compile", action="store_true", help="torch.compile the three networks (falls back to eager)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over all processes' images (SyncBatchNorm)")
