@@ -31,8 +31,12 @@ PHASE_TAPS = [[4, 2, 0], [5, 3, 1]]  # [r][t] -> kernel row
 
 
 def fast_form(out_channels: int, kernel: int, stride: int, padding: int, output_padding: int) -> str | None:
-    """Which equivalent form conv_transpose uses for these settings, None for PyTorch's own."""
-    if out_channels == 1 and stride == 1 and output_padding == 0:
+    """Which equivalent form conv_transpose uses for these settings, None for PyTorch's own.
+
+    `out_channels` are the transposed convolution's: a plain convolution's input channels when
+    it computes that convolution's image gradient.
+    """
+    if out_channels == 1 and stride == 1 and output_padding == 0 and padding < kernel:
         return "depthwise"
     if out_channels < NARROW and stride == 2 and padding == 2 and kernel + output_padding == 6:
         return "phases"
@@ -69,9 +73,9 @@ def layout(*tensors: torch.Tensor) -> torch.memory_format:
 
 
 def applies(x: torch.Tensor) -> bool:
-    """The fast forms are for the CPU in eager mode, float32 (or float64, which tests use to check them
-    exactly); autocast and torch.compile choose their own kernels."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    """The fast forms are for batches on the CPU in eager mode, float32 (or float64, which tests use
+    to check them exactly); autocast and torch.compile choose their own kernels."""
+    return (x.dim() == 4 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
@@ -85,8 +89,8 @@ def computes_gradient(ctx, index: int) -> bool:
         return False
     try:
         return torch._C._will_engine_execute_node(ctx.next_functions[index][0])
-    except (AttributeError, RuntimeError):  # a private call; autograd.grad cannot answer it for parameters
-        return True
+    except (AttributeError, RuntimeError):  # a private call, which cannot answer for a leaf that
+        return True                         # torch.autograd.grad was asked the gradient of
 
 
 class Convolution(torch.autograd.Function):
@@ -111,7 +115,8 @@ class Convolution(torch.autograd.Function):
         if computes_gradient(ctx, 0):
             grad_x = (F.conv2d(grad, weight, None, stride, padding) if transposed
                       else conv_transpose(grad, weight, None, stride, padding,
-                                          output_padding(x.shape[-1], grad.shape[-1], weight.shape[-1], stride, padding)))
+                                          gradient_output_padding(x.shape[-1], grad.shape[-1], weight.shape[-1], stride,
+                                                                  padding)))
         needs_weight, needs_bias = computes_gradient(ctx, 1), computes_gradient(ctx, 2)
         grad_weight = grad_bias = None
         if needs_weight or needs_bias:
@@ -121,18 +126,34 @@ class Convolution(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def output_padding(in_size: int, out_size: int, kernel: int, stride: int, padding: int) -> int:
+def gradient_output_padding(in_size: int, out_size: int, kernel: int, stride: int, padding: int) -> int:
     """The output padding of the transposed convolution that maps a convolution's output size back to its input size."""
     return in_size - ((out_size - 1) * stride - 2 * padding + kernel)
 
 
+def check_settings(layer: nn.Conv2d | nn.ConvTranspose2d) -> None:
+    """The fast forms take one kernel size, stride and padding for both sides, and no dilation,
+    groups, output padding or padding mode."""
+    square = not isinstance(layer.padding, str) and all(
+        a == b for a, b in (layer.kernel_size, layer.stride, layer.padding))
+    plain = (layer.dilation == (1, 1) and layer.groups == 1 and tuple(layer.output_padding) == (0, 0)
+             and layer.padding_mode == "zeros")
+    if not (square and plain):
+        raise ValueError(f"{type(layer).__name__} takes square settings without dilation, groups, output "
+                         f"padding or a padding mode; use torch.nn's own layer for {layer}.")
+
+
 class FastConv2d(nn.Conv2d):
-    """nn.Conv2d (square kernel, no dilation or groups) whose image gradient on the CPU uses its fast form."""
+    """nn.Conv2d (square settings: see check_settings) whose image gradient on the CPU uses its fast form."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        check_settings(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stride, padding, kernel = self.stride[0], self.padding[0], self.kernel_size[0]
         size = x.shape[-1]
-        extra = output_padding(size, (size + 2 * padding - kernel) // stride + 1, kernel, stride, padding)
+        extra = gradient_output_padding(size, (size + 2 * padding - kernel) // stride + 1, kernel, stride, padding)
         if (x.requires_grad and size == x.shape[-2] and applies(x)
                 and fast_form(self.in_channels, kernel, stride, padding, extra)):
             return Convolution.apply(x, self.weight, self.bias, stride, padding, False)
@@ -140,8 +161,11 @@ class FastConv2d(nn.Conv2d):
 
 
 class FastConvTranspose2d(nn.ConvTranspose2d):
-    """nn.ConvTranspose2d (square kernel, no output padding, dilation or groups) whose forward on the
-    CPU uses its fast form."""
+    """nn.ConvTranspose2d (square settings: see check_settings) whose forward on the CPU uses its fast form."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        check_settings(self)
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         stride, padding, kernel = self.stride[0], self.padding[0], self.kernel_size[0]

@@ -393,18 +393,6 @@ def backward_into(params: list[nn.Parameter], outputs: list[torch.Tensor],
     torch.autograd.backward(outputs, grad_outputs, retain_graph=retain_graph, inputs=params)
 
 
-def image_gradient(loss: torch.Tensor, images: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-    """d loss / d images, from a backward pass that stops at the (non-leaf) images.
-
-    torch.autograd.backward rather than torch.autograd.grad: only the former lets the
-    discriminator's kernels.Convolution nodes learn that their weight gradients are not needed.
-    """
-    images.grad = None
-    torch.autograd.backward([loss], inputs=[images], retain_graph=retain_graph)
-    gradient, images.grad = images.grad, None
-    return gradient
-
-
 def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
                       noise: tuple[torch.Tensor, torch.Tensor] | None = None,
                       precision: Precision = FLOAT32, replicas: Replicas = SINGLE) -> dict[str, torch.Tensor]:
@@ -462,10 +450,7 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
         else:
             codes = z_prior
         generated = nets.decoder(codes)                         # (2n or n, C, S, S): [x~,] x_p
-        # The backward passes through the discriminator stop at `images`, a view that saves nothing:
-        # a backward pass with inputs=[t] frees what t's own node saved (here the decoder's last layer).
-        images = generated.view_as(generated)
-        logits, dis_l = nets.discriminator(x, images)           # one pass over x, [x~,] x_p
+        logits, dis_l = nets.discriminator(x, generated)        # one pass over x, [x~,] x_p
     logits, dis_l = at_least_float32(logits), at_least_float32(dis_l)
     logits_real, logits_fake = logits[:n], logits[n:]
 
@@ -478,8 +463,8 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
     else:
         update_dis, update_dec = equilibrium_gate(*bce, cfg)
 
-    # The image gradients are routed by hand: the backward passes through the discriminator stop
-    # at the images and do not enter the decoder.
+    # The image gradients (with respect to `generated`) are routed by hand: the backward passes
+    # through the discriminator stop at the images and do not enter the decoder.
     # Discriminator <- grad L_GAN. For the minimax loss the decoder's GAN term is -L_GAN, so the
     # same backward pass also yields its image gradient.
     needs_gan_images = update_dec and dec_gan_weight > 0
@@ -487,11 +472,11 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
     grad_gan_images = None
     if update_dis:
         dis_params = list(nets.discriminator.parameters())
-        backward_into(dis_params + [images] if reuse else dis_params, [precision.scaled(loss_gan)],
+        backward_into(dis_params + [generated] if reuse else dis_params, [precision.scaled(loss_gan)],
                       retain_graph=True)
-        grad_gan_images = -images.grad if reuse else None
+        grad_gan_images = -generated.grad if reuse else None
     if needs_gan_images and grad_gan_images is None:
-        grad_gan_images = image_gradient(precision.scaled(loss_dec_gan), images, retain_graph=has_encoder)
+        grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated, retain_graph=has_encoder)
     upstream = dec_gan_weight * grad_gan_images if needs_gan_images else torch.zeros_like(generated)
 
     stats = {"loss_prior": torch.tensor(math.nan), "loss_llike": torch.tensor(math.nan)}
@@ -500,7 +485,7 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
         loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
         stats = {"loss_prior": loss_prior, "loss_llike": loss_llike}
         # Image gradient of L_llike: through the discriminator, which it must not train.
-        grad_llike_images = image_gradient(precision.scaled(loss_llike), images)
+        grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated)
         upstream = upstream + dec_llike_weight * grad_llike_images
     # Decoder <- its objective, through the generated images.
     if update_dec:
