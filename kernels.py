@@ -27,7 +27,7 @@ NARROW = 16  # fewer output channels than this run at a fraction of oneDNN's spe
 
 # Row 2m + r of a 6x6 stride-2 transposed convolution with padding 2 sums input rows m + t - 1
 # (t = 0, 1, 2) times kernel row r + 4 - 2t; the same holds for columns.
-PHASE_TAPS = [[4, 2, 0], [5, 3, 1]]  # [r][t] -> kernel row
+PHASE_TAPS = torch.tensor([[4, 2, 0], [5, 3, 1]])  # [r, t] -> kernel row
 
 
 def fast_form(out_channels: int, kernel: int, stride: int, padding: int, output_padding: int) -> str | None:
@@ -54,8 +54,7 @@ def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if form == "phases":
         memory_format = layout(x, weight)
         weight = F.pad(weight, (0, 6 - kernel, 0, 6 - kernel))                  # (in, out, 6, 6)
-        taps = torch.tensor(PHASE_TAPS, device=weight.device)
-        phases = weight[:, :, taps][:, :, :, :, taps]                            # (in, out, r, t, r', t')
+        phases = weight[:, :, PHASE_TAPS][:, :, :, :, PHASE_TAPS]                # (in, out, r, t, r', t')
         kernel3 = phases.permute(2, 4, 1, 0, 3, 5).reshape(4 * out_ch, in_ch, 3, 3)
         y = F.conv2d(x.contiguous(memory_format=memory_format), kernel3.contiguous(memory_format=memory_format),
                      None if bias is None else bias.repeat(4), 1, 1)             # (N, (r, r', out), H, W)
