@@ -5,7 +5,7 @@
 
 Three measurements alternate (A B C A B C ...) after a warm-up, so drift on a noisy
 machine affects all of them alike:
-  project  main.train_step, the step the training loop runs;
+  project  step.train_step, the step the training loop runs;
   naive    the same forward pass, then one full backward pass per network's loss with
            retain_graph and zeroed gradients in between (how most public ports do it),
            then the three optimizer steps;
@@ -18,7 +18,7 @@ the memory format training uses on the device (channels-last on the CPU, else NC
 in NCHW (project_contiguous), which gives channels-last's speed-up. Peak memory is measured
 afterwards, in one more step of each, so that measuring it does not slow the timed ones. On the
 CPU the process keeps freed memory for reuse while timing, as training does, and measures
-memory with every large block mapped on its own (main.keep_freed_memory): peak MiB is the
+memory with every large block mapped on its own (kernels.keep_freed_memory): peak MiB is the
 growth of resident memory, alloc MiB the peak growth of what PyTorch's allocator handed out
 (from the profiler's memory events), which leaves out the C library's and oneDNN's own.
 
@@ -46,17 +46,21 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+import config
 import distributed
+import kernels
 import losses
-import main
+import models
+import step
+from config import LossConfig, UsageError
 from distributed import SINGLE, Replicas
-from models import ModelConfig
+from models import NetworkConfig, Networks
 
-ALL_UPDATES = main.LossConfig(gamma=1e-2, equilibrium=None)  # every network updated every step
+ALL_UPDATES = LossConfig(gamma=1e-2, equilibrium=None)  # every network updated every step
 
 
-def naive_step(nets: main.Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor,
-               cfg: main.LossConfig, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+def naive_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor,
+               cfg: LossConfig, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Same forward as the project's step; each network's loss then gets its own full backward pass."""
     n = x.shape[0]
     eps, z_prior = noise if noise is not None else torch.randn(2, n, nets.encoder.mean.out_features, device=x.device)
@@ -103,7 +107,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        self.libc = main.glibc()
+        self.libc = kernels.glibc()
 
     def resident(self) -> int:
         with open("/proc/self/statm") as f:
@@ -118,7 +122,7 @@ class PeakMemory:
             yield result
             result["bytes"] = torch.cuda.max_memory_allocated(self.device) - start
             return
-        if main.keep_freed_memory(self.device, keep=False):
+        if kernels.keep_freed_memory(self.device, keep=False):
             self.libc.malloc_trim(0)
         start, peak, done = self.resident(), [0], threading.Event()
 
@@ -138,7 +142,7 @@ class PeakMemory:
             result["bytes"] = max(0, max(peak[0], self.resident()) - start)
             with c_stderr_hidden():
                 result["allocated_bytes"] = peak_allocated(profiler)
-            main.keep_freed_memory(self.device)
+            kernels.keep_freed_memory(self.device)
 
 
 @contextmanager
@@ -185,47 +189,47 @@ def matmul_case(device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], 
     return run, 2 * size**3 * repeats
 
 
-def in_format(nets: main.Networks, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def in_format(nets: Networks, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Put the networks (in place) and the images in NHWC or NCHW memory format; returns the images."""
-    layout = main.memory_format(channels_last)
+    layout = kernels.memory_format(channels_last)
     for module in nets.modules().values():
         module.to(memory_format=layout)
     return x.contiguous(memory_format=layout)
 
 
-def fast_path_case(model_cfg: ModelConfig, x: torch.Tensor, amp: str = "off", channels_last: bool = False,
+def fast_path_case(network_cfg: NetworkConfig, x: torch.Tensor, amp: str = "off", channels_last: bool = False,
                    compile: bool = False, replicas: Replicas = SINGLE) -> Callable[[], None]:
     """The project's step with one of the GPU fast paths switched on (and, under torchrun, its
     gradients averaged across the processes as `replicas` says)."""
-    nets = main.build_networks(model_cfg, x.device)
-    optimizers = main.build_optimizers(nets, 3e-4, 0.9)
-    step_nets, precision, notes = main.fast_paths(nets, amp, channels_last, compile, x.device, replicas)
+    nets = models.build_networks(network_cfg, x.device)
+    optimizers = step.build_optimizers(nets, 3e-4, 0.9)
+    step_nets, precision, notes = step.fast_paths(nets, amp, channels_last, compile, x.device, replicas)
     for note in notes if replicas.is_main else []:
         print(f"{note}", file=sys.stderr)
-    x = x.contiguous(memory_format=main.memory_format(channels_last))  # fast_paths put the networks in it
-    return lambda: main.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision, replicas=replicas)
+    x = x.contiguous(memory_format=kernels.memory_format(channels_last))  # fast_paths put the networks in it
+    return lambda: step.train_step(step_nets, optimizers, x, ALL_UPDATES, precision=precision, replicas=replicas)
 
 
 def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_size: int = 64,
           device: str = "auto", steps: int = 5, warmup: int = 1, amp: str = "off",
           channels_last: bool | None = None, compile: bool = False, replicas: Replicas = SINGLE) -> dict:
     """Run the measurements alternately; returns the report as a dict."""
-    dev = replicas.device if replicas.active else main.resolve_device(device)
-    main.keep_freed_memory(dev)  # as training does
-    layout = main.default_channels_last(dev) if channels_last is None else channels_last
+    dev = replicas.device if replicas.active else config.resolve_device(device)
+    kernels.keep_freed_memory(dev)  # as training does
+    layout = kernels.default_channels_last(dev) if channels_last is None else channels_last
     torch.manual_seed(replicas.rank)  # under torchrun each process its own images
-    model_cfg = ModelConfig(image_size=image_size, channels=channels, width=width)
+    network_cfg = NetworkConfig(image_size=image_size, channels=channels, width=width)
     x = torch.rand(batch_size, channels, image_size, image_size, device=dev) * 2 - 1
     images = batch_size * replicas.world_size
     if replicas.active:  # the two ways of averaging gradients, instead of the naive step
         cases: dict[str, dict] = {
-            name: {"run": fast_path_case(model_cfg, x, channels_last=layout,
+            name: {"run": fast_path_case(network_cfg, x, channels_last=layout,
                                          replicas=dataclasses.replace(replicas, grad_sync=sync)), "images": images}
             for name, sync in (("project", "ddp"), ("project_allreduce", "allreduce"))}
     else:
-        cases = {"project": {"run": fast_path_case(model_cfg, x, channels_last=layout), "images": batch_size}}
-        nets = main.build_networks(model_cfg, dev)
-        optimizers = main.build_optimizers(nets, 3e-4, 0.9)
+        cases = {"project": {"run": fast_path_case(network_cfg, x, channels_last=layout), "images": batch_size}}
+        nets = models.build_networks(network_cfg, dev)
+        optimizers = step.build_optimizers(nets, 3e-4, 0.9)
         naive_x = in_format(nets, x, layout)
         cases["naive"] = {"run": lambda: naive_step(nets, optimizers, naive_x, ALL_UPDATES), "images": batch_size}
     fast = {f"project_amp_{amp}": dict(amp=amp, channels_last=layout)} if amp != "off" else {}
@@ -235,7 +239,7 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
         fast["project_contiguous"] = dict(channels_last=False)
     like_project = dataclasses.replace(replicas, grad_sync="ddp")  # under torchrun "project" is the DDP step
     for name, options in fast.items():
-        cases[name] = {"run": fast_path_case(model_cfg, x, **options, replicas=like_project), "images": images}
+        cases[name] = {"run": fast_path_case(network_cfg, x, **options, replicas=like_project), "images": images}
     matmuls = [("matmul_fp32", torch.float32)] + ([("matmul_bf16", torch.bfloat16)] if dev.type == "cuda" else [])
     for name, dtype in matmuls:
         run, flops = matmul_case(dev, dtype)
@@ -348,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--amp", default="off", choices=main.AMP_DTYPES, help="also time the step in this precision")
+    p.add_argument("--amp", default="off", choices=config.AMP_DTYPES, help="also time the step in this precision")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="memory format of the timed steps (default: as training on the device: NHWC on the CPU)")
     p.add_argument("--compile", action="store_true", help="also time the step with torch.compile")
@@ -361,12 +365,12 @@ def run(argv: list[str] | None = None) -> int:
     replicas = SINGLE
     try:
         if args.batch_size < 2 or args.steps < 1 or args.warmup < 0:
-            raise main.UsageError("--batch-size must be at least 2, --steps at least 1 and --warmup at least 0.")
+            raise UsageError("--batch-size must be at least 2, --steps at least 1 and --warmup at least 0.")
         if distributed.launched_by_torchrun():
             replicas = distributed.start(args.device)
         report = bench(args.image_size, args.channels, args.width, args.batch_size, args.device, args.steps,
                        args.warmup, args.amp, args.channels_last, args.compile, replicas)
-    except (main.UsageError, main.ConfigError, distributed.LaunchError) as error:
+    except (UsageError, models.ConfigError, distributed.LaunchError) as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process meets it; rank 0 says so
             print(f"error: {error}", file=sys.stderr)
         return 2

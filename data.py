@@ -69,7 +69,7 @@ class ImageFiles(torch.utils.data.Dataset):
         img = img.crop((left, top, left + side, top + side))
         img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         array = np.asarray(img, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
-        return to_unit_range(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        return uint8_to_model(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         try:
@@ -88,9 +88,14 @@ class Splits:
     channels: int
 
 
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
+def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range the networks see."""
     return images.float().div(127.5).sub(1.0)
+
+
+def model_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255], rounded: an image as a file would hold it."""
+    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 
 def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -355,7 +360,7 @@ class Batches:
         order = self.order(epoch)[start * self.batch_size: len(self) * self.batch_size]
         if self.images is not None:
             for indices in order.to(self.device).split(self.batch_size):
-                yield resize(to_unit_range(self.images[indices]), self.image_size), 0
+                yield resize(uint8_to_model(self.images[indices]), self.image_size), 0
             return
         loader = torch.utils.data.DataLoader(
             self.split, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
@@ -377,6 +382,6 @@ def ignore_stop_signals(worker_id: int) -> None:
 def heldout_images(split: Split, count: int, image_size: int) -> torch.Tensor:
     """The first `count` readable held-out images in [-1, 1] (fixed, for reconstruction grids)."""
     if isinstance(split, TensorImages):
-        return resize(to_unit_range(split.images[:count].cpu()), image_size)
+        return resize(uint8_to_model(split.images[:count].cpu()), image_size)
     images = [img for img, index in (split[i] for i in range(min(len(split), 4 * count))) if index >= 0]
     return torch.stack(images[:count]) if images else torch.zeros(0, split.channels, image_size, image_size)

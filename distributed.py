@@ -14,7 +14,7 @@ torch.autograd.backward(..., inputs=that network's parameters), which fires
 DistributedDataParallel's hooks: "ddp" lets DDP average the gradients, overlapping with the
 backward pass; "allreduce" averages them afterwards in explicit 25 MiB buckets. bench.py
 compares the two under torchrun: on the CPU (gloo) the all-reduce was as fast or faster
-(README), so "auto" takes it there and DDP on CUDA (NCCL), for which DDP is built.
+(docs/benchmarks.md), so "auto" takes it there and DDP on CUDA (NCCL), for which DDP is built.
 """
 from __future__ import annotations
 
@@ -161,10 +161,25 @@ def start(device_name: str, grad_sync: str = "auto") -> Replicas:
     return Replicas(rank, world_size, device, grad_sync, control)
 
 
-def lost_contact(error: RuntimeError, replicas: Replicas) -> bool:
+def lost_contact(error: RuntimeError) -> bool:
     """Whether `error` is a collective that failed because another process is gone."""
     backends = ("gloo", "NCCL", "nccl", "Connection reset", "Connection closed")
-    return isinstance(error, dist.DistError) or (replicas.active and any(word in str(error) for word in backends))
+    several = launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+    return isinstance(error, dist.DistError) or (several and any(word in str(error) for word in backends))
+
+
+def convert_sync_batchnorm(nets, replicas: Replicas) -> str:
+    """--sync-bn: BatchNorm layers of `nets` (models.Networks) that normalise by all processes'
+    statistics; returns a note saying so."""
+    if not replicas.active:
+        return "note: --sync-bn has no effect in a single process"
+    for name, module in nets.modules().items():
+        setattr(nets, name, nn.SyncBatchNorm.convert_sync_batchnorm(module))
+    return "SyncBatchNorm: BatchNorm statistics over all processes' images"
+
+
+def backend_name() -> str:
+    return dist.get_backend() if dist.is_initialized() else "no process group"
 
 
 def stop(replicas: Replicas) -> None:

@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import config
 import data
 import latent
 import losses
-import main
 import utils
 
 CLASSIFIER_SIZE = 28  # the classifier sees every image at MNIST's own resolution
@@ -54,7 +54,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.3)
     for _ in range(epochs):
         for indices in torch.randperm(len(images)).split(128):
-            logits, _ = model(data.to_unit_range(images[indices]))
+            logits, _ = model(data.uint8_to_model(images[indices]))
             loss = F.cross_entropy(logits, labels[indices].long())
             optimizer.zero_grad()
             loss.backward()
@@ -106,7 +106,7 @@ def cached_classifier(dataset: str, root: Path) -> tuple[DigitClassifier, float]
             utils.write_atomic(path, lambda tmp: torch.save(model.state_dict(), tmp))
         except OSError as error:
             print(f"note: could not cache the classifier in {path} ({error.strerror}); it is retrained next time")
-    predicted, _ = classify(model, data.to_unit_range(splits.heldout.images))
+    predicted, _ = classify(model, data.uint8_to_model(splits.heldout.images))
     return model, float((predicted == splits.heldout.labels).float().mean())
 
 
@@ -140,7 +140,7 @@ def inception_features() -> tuple[Callable[[torch.Tensor], torch.Tensor] | None,
 def evaluate_checkpoint(checkpoint: str | Path, num: int, data_root: str | None, device: torch.device,
                         seed: int = 0) -> dict:
     """Every figure the checkpoint's model and dataset allow, with how many images each used."""
-    cfg, nets, step = latent.load_run(checkpoint, device)
+    cfg, nets, step = utils.load_run(checkpoint, device)
     root = Path(data_root or cfg.data_root).expanduser()
     heldout, labels = latent.heldout_batch(latent.heldout_split(cfg, str(root)), num, cfg, device)
     z = torch.randn(len(heldout), cfg.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -178,22 +178,18 @@ def format_table(results: dict) -> str:
     return "\n".join(lines + [f"note: {n}" for n in results["notes"]])
 
 
-def run(argv: list[str]) -> list[Path]:
-    """main.py evaluate: print the table and write it as JSON."""
-    p = argparse.ArgumentParser(prog="main.py evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Figures for a checkpoint on the held-out split: pixel MSE and KL of "
-                                            "reconstructions, a sample-quality and a reconstruction-fidelity score.")
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE")
-    p.add_argument("--num", type=int, default=2000, help="held-out images and prior samples to use")
-    p.add_argument("--data-root", help="where the run's dataset is (default: the run's own)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="where to write the JSON (default: <run folder>/evaluation.json)")
-    args = p.parse_args(argv)
-    if args.num < 2:
-        raise latent.CommandError(f"--num {args.num} must be at least 2 (FID needs several images).")
-    results = evaluate_checkpoint(args.checkpoint, args.num, args.data_root, main.resolve_device(args.device), args.seed)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_checkpoint_arguments(parser)
+    parser.add_argument("--num", type=config.count(2), default=2000,
+                        help=config.with_default("held-out images and prior samples to use", 2000))
+
+
+def evaluate_command(args: argparse.Namespace) -> list[Path]:
+    """main.py evaluate: print the table and write it as evaluation.json."""
+    device = config.resolve_device(args.device)
+    checkpoint = utils.checkpoint_path(args.checkpoint)
+    out = config.output_folder(args.out, checkpoint, "evaluate", ("evaluation.json",))
+    results = evaluate_checkpoint(checkpoint, args.num, args.data_root, device, args.seed)
     print(format_table(results))
-    path = Path(args.json).expanduser() if args.json else utils.checkpoint_path(args.checkpoint).parent / "evaluation.json"
-    utils.write_json(results, path)
-    return [path]
+    utils.write_json(results, out / "evaluation.json")
+    return [out / "evaluation.json"]

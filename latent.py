@@ -1,7 +1,9 @@
-"""The latent-space commands: sample, reconstruct, interpolate and attribute arithmetic.
+"""The latent-space commands on a trained checkpoint: sample, reconstruct, interpolate, attributes.
 
-Each works on a trained checkpoint, writes PNG grids (and arrays where useful) and
-returns the paths it wrote; main.py gives them their command lines.
+Each command is a pair: `add_<command>_arguments(parser)` declares its options (the shared ones
+come from config.add_checkpoint_arguments) and `<command>_command(args)` runs it, writes PNG
+grids (and arrays where useful) and returns the paths it wrote. main.py's command table joins
+them to the command line.
 """
 from __future__ import annotations
 
@@ -12,54 +14,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import config
 import data
-import main
+import models
 import utils
-
-
-class CommandError(Exception):
-    """A request the checkpoint or the data cannot serve; the message says what to do."""
-
-
-def load_run(checkpoint: str | Path, device: torch.device) -> tuple[main.TrainConfig, main.Networks, int]:
-    """The config, the networks (evaluation mode) and the step of a checkpoint."""
-    state = utils.load_checkpoint(checkpoint)
-    cfg = main.TrainConfig(**state["config"])
-    nets = main.build_networks(cfg.model_config(), "cpu", cfg.model)
-    main.load_networks(state, nets)
-    for module in nets.modules().values():
-        module.to(device).eval()
-    return cfg, nets, state["step"]
-
-
-def require_encoder(nets: main.Networks, cfg: main.TrainConfig, command: str) -> None:
-    if nets.encoder is None:
-        raise CommandError(f"`{command}` needs an encoder, and a --model {cfg.model} checkpoint has none; "
-                           "use a checkpoint of vaegan, vae or vae-disl.")
-
-
-def to_unit(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] tensors -> float32 arrays in [0, 1], (N, C, H, W)."""
-    return images.detach().float().cpu().clamp(-1, 1).add(1).div(2).numpy()
+from config import TrainConfig, UsageError
+from models import Networks
 
 
 @torch.no_grad()
-def encode(nets: main.Networks, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def encode(nets: Networks, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Posterior means of q(z|x), in batches."""
     return torch.cat([nets.encoder(chunk)[0] for chunk in images.split(batch)])
 
 
 @torch.no_grad()
-def decode(nets: main.Networks, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def decode(nets: Networks, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """Images from codes, BatchNorm with batch statistics (as the training grids are drawn)."""
-    return torch.cat([main.decode_with_batch_statistics(nets.decoder, chunk) for chunk in z.split(batch)])
+    return torch.cat([models.decode_with_batch_statistics(nets.decoder, chunk) for chunk in z.split(batch)])
 
 
-def heldout_split(cfg: main.TrainConfig, data_root: str | None) -> data.Split:
+def heldout_split(cfg: TrainConfig, data_root: str | None) -> data.Split:
     return data.load_dataset(cfg.dataset, data_root or cfg.data_root, cfg.image_size, cfg.channels).heldout
 
 
-def heldout_batch(split: data.Split, count: int, cfg: main.TrainConfig,
+def heldout_batch(split: data.Split, count: int, cfg: TrainConfig,
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first `count` held-out images in [-1, 1] and their labels (None for file datasets)."""
     images = data.heldout_images(split, count, cfg.image_size).to(device)
@@ -67,8 +46,8 @@ def heldout_batch(split: data.Split, count: int, cfg: main.TrainConfig,
     return images, labels
 
 
-def read_images(paths: list[str], cfg: main.TrainConfig, device: torch.device) -> torch.Tensor:
-    """Image files (or folders of them) prepared as in training; CommandError if none is readable."""
+def read_images(paths: list[str], cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """Image files (or folders of them) prepared as in training; UsageError if none is readable."""
     files: list[Path] = []
     for name in paths:
         path = Path(name).expanduser()
@@ -77,51 +56,51 @@ def read_images(paths: list[str], cfg: main.TrainConfig, device: torch.device) -
         elif path.is_file():
             files.append(path)
         else:
-            raise CommandError(f"--images {name} does not exist; give image files or folders of them.")
+            raise UsageError(f"--images {name} does not exist; give image files or folders of them.")
     dataset = data.ImageFiles(files, cfg.channels, cfg.image_size)
     images = [image for image, index in (dataset[i] for i in range(len(dataset))) if index >= 0]
     if not images:
-        raise CommandError(f"none of the {len(files)} file(s) given with --images could be read as an image "
-                           f"({', '.join(data.IMAGE_EXTENSIONS)}).")
+        raise UsageError(f"none of the {len(files)} file(s) given with --images could be read as an image "
+                         f"({', '.join(data.IMAGE_EXTENSIONS)}).")
     if len(images) < len(files):
         print(f"warning: skipped {len(files) - len(images)} unreadable file(s) of --images")
     return torch.stack(images).to(device)
 
 
-def sample(nets: main.Networks, cfg: main.TrainConfig, out: Path, num: int, individual: bool,
-           seed: int) -> list[Path]:
+def write_samples(nets: Networks, cfg: TrainConfig, out: Path, num: int, individual: bool, seed: int) -> list[Path]:
     """`num` prior samples: a grid, an .npz of the array in [0, 1] and, if asked, one PNG each."""
     z = torch.randn(num, cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
     images = decode(nets, z.to(next(nets.decoder.parameters()).device))
     written = [out / "samples.png", out / "samples.npz"]
-    utils.save_grid(images, written[0], nrow=max(1, int(np.ceil(np.sqrt(num)))))
-    utils.save_npz(written[1], images=to_unit(images))
+    utils.write_grid(images, written[0], nrow=max(1, int(np.ceil(np.sqrt(num)))))
+    utils.write_npz(written[1], images=utils.model_to_unit(images).numpy())
     if individual:
         for index, image in enumerate(images):
             written.append(out / "individual" / f"sample_{index:05d}.png")
-            utils.save_grid(image[None], written[-1], nrow=1)
+            utils.write_grid(image[None], written[-1], nrow=1)
     return written
 
 
-def reconstruct(nets: main.Networks, images: torch.Tensor, labels: torch.Tensor | None, out: Path) -> list[Path]:
+def write_reconstructions(nets: Networks, images: torch.Tensor, labels: torch.Tensor | None,
+                          out: Path) -> list[Path]:
     """Images beside their reconstructions Dec(mean of q(z|x)): a grid and an .npz."""
-    recon = torch.cat([main.reconstruct(nets, chunk) for chunk in images.split(256)])
+    recon = torch.cat([models.reconstruct(nets, chunk) for chunk in images.split(256)])
     written = [out / "reconstructions.png", out / "reconstructions.npz"]
-    utils.save_grid(utils.interleave(images[:64], recon[:64]), written[0])
-    arrays = {"originals": to_unit(images), "reconstructions": to_unit(recon)}
+    utils.write_grid(utils.interleave(images[:64], recon[:64]), written[0])
+    arrays = {"originals": utils.model_to_unit(images).numpy(), "reconstructions": utils.model_to_unit(recon).numpy()}
     if labels is not None:
         arrays["labels"] = labels.numpy()
-    utils.save_npz(written[1], **arrays)
+    utils.write_npz(written[1], **arrays)
     return written
 
 
-def interpolate(nets: main.Networks, start: torch.Tensor, end: torch.Tensor, steps: int, out: Path) -> list[Path]:
+def write_interpolation(nets: Networks, start: torch.Tensor, end: torch.Tensor, steps: int, out: Path) -> list[Path]:
     """One row per (start, end) code pair: `steps` evenly spaced points on the line between them."""
     weights = torch.linspace(0, 1, steps, device=start.device)[None, :, None]           # (1, K, 1)
     line = (1 - weights) * start[:, None, :] + weights * end[:, None, :]                 # (P, K, latent)
     images = decode(nets, line.flatten(0, 1))
     path = out / "interpolation.png"
-    utils.save_grid(images, path, nrow=steps)
+    utils.write_grid(images, path, nrow=steps)
     return [path]
 
 
@@ -129,16 +108,16 @@ def attribute_vector(z: torch.Tensor, has_attribute: torch.Tensor) -> torch.Tens
     """The paper's visual attribute vector: mean z of images with the attribute minus mean z of those without."""
     has_attribute = has_attribute.bool()
     if has_attribute.all() or not has_attribute.any():
-        raise CommandError("an attribute vector needs labelled images both with and without the attribute; "
-                           "these labels have only one kind. Use more labelled images (--num-labelled).")
+        raise UsageError("an attribute vector needs labelled images both with and without the attribute; "
+                         "these labels have only one kind. Use more labelled images (--num-labelled).")
     return z[has_attribute].mean(0) - z[~has_attribute].mean(0)
 
 
-def attribute_grid(nets: main.Networks, queries: torch.Tensor, vector: torch.Tensor, path: Path) -> Path:
+def write_attribute_grid(nets: Networks, queries: torch.Tensor, vector: torch.Tensor, path: Path) -> Path:
     """Columns: original, reconstruction, reconstruction - vector, reconstruction + vector."""
     z = encode(nets, queries)
     columns = [queries, decode(nets, z), decode(nets, z - vector), decode(nets, z + vector)]
-    utils.save_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=4)
+    utils.write_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=4)
     return path
 
 
@@ -149,139 +128,153 @@ def read_attribute_csv(path: Path, files: list[Path]) -> tuple[list[str], torch.
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except OSError as error:
-        raise CommandError(f"cannot read the attribute CSV {path} ({error.strerror}).") from None
+        raise UsageError(f"cannot read the attribute CSV {path} ({error.strerror}).") from None
     if len(rows) < 2 or len(rows[0]) < 2:
-        raise CommandError(f"{path} must have a header `filename,attr1,...` and one row per image.")
+        raise UsageError(f"{path} must have a header `filename,attr1,...` and one row per image.")
     names = [name.strip() for name in rows[0][1:]]
     by_name = {row[0].strip(): [value.strip().lower() in truthy for value in row[1:]] for row in rows[1:] if row}
     labels = [by_name.get(f.name) or by_name.get(str(f)) for f in files]
     keep = [i for i, label in enumerate(labels) if label is not None]
     if not keep:
-        raise CommandError(f"no file named in {path} is among the dataset's images; the first column must hold "
-                           "their file names.")
+        raise UsageError(f"no file named in {path} is among the dataset's images; the first column must hold "
+                         "their file names.")
     return names, torch.tensor([labels[i] for i in keep]), keep
 
 
 # ---------------------------------------------------------------------------
-# Command lines
+# The commands: their options and what they run
 # ---------------------------------------------------------------------------
 
-def build_parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"main.py {command}", description=COMMAND_HELP[command],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_FILE", help="a run folder or its checkpoint.pt")
-    p.add_argument("--out", help="where to write (default: <run folder>/<command>)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--data-root", help="where the run's dataset is (default: the run's own --data-root)")
-    p.add_argument("--seed", type=int, default=0, help="for prior samples and the choice of images")
-    if command == "sample":
-        p.add_argument("--num", type=int, default=64, help="how many samples")
-        p.add_argument("--individual", action="store_true", help="also one PNG per sample")
-    if command == "reconstruct":
-        p.add_argument("--num", type=int, default=64, help="how many held-out images")
-        p.add_argument("--images", nargs="+", metavar="PATH", help="image files or folders instead of held-out images")
-    if command == "interpolate":
-        p.add_argument("--pairs", type=int, default=8, help="rows: pairs of endpoints")
-        p.add_argument("--steps", type=int, default=10, help="images per row, endpoints included")
-        p.add_argument("--prior", action="store_true", help="endpoints drawn from the prior instead of encoded images")
-    if command == "attributes":
-        p.add_argument("--attribute", help="one attribute by name (default: all); CelebA's or the --labels CSV's")
-        p.add_argument("--from", dest="source", type=int, help="class datasets: the class the vector starts at")
-        p.add_argument("--to", dest="target", type=int, help="class datasets: the class the vector points to")
-        p.add_argument("--labels", help="for --dataset folder: a CSV filename,attr1,attr2,... (1 = has it)")
-        p.add_argument("--num-labelled", type=int, default=10000, help="labelled images that build each vector")
-        p.add_argument("--num-queries", type=int, default=8, help="images the vector is added to (rows)")
-    return p
-
-
-COMMAND_HELP = {
-    "sample": "Decode N prior samples: a grid, an .npz of the images in [0, 1] and, with --individual, one PNG each.",
-    "reconstruct": "Held-out images (or --images) beside their reconstructions: a grid and an .npz.",
-    "interpolate": "Rows that walk the latent line between pairs of encoded images (or prior samples).",
-    "attributes": "The paper's visual attribute vectors (mean z with minus mean z without), added to and "
-                  "subtracted from query images' z. Columns: original, reconstruction, -vector, +vector.",
+# What each command writes into its folder (name patterns), so that rerunning it may reuse the folder.
+WRITES = {
+    "sample": ("samples.png", "samples.npz", "individual"),
+    "reconstruct": ("reconstructions.png", "reconstructions.npz"),
+    "interpolate": ("interpolation.png",),
+    "attributes": ("class_*_to_*.png", "attribute_*.png"),
 }
 
 
-def positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise CommandError(f"--{name.replace('_', '-')} {value} must be at least 1.")
-
-
-def run_command(command: str, argv: list[str]) -> list[Path]:
-    """Parse and run one latent-space command; returns the files written."""
-    args = build_parser(command).parse_args(argv)
-    positive(args, "num", "pairs", "steps", "num_labelled", "num_queries")
-    device = main.resolve_device(args.device)
-    cfg, nets, _ = load_run(args.checkpoint, device)
-    out = Path(args.out).expanduser() if args.out else utils.checkpoint_path(args.checkpoint).parent / command
+def open_run(args: argparse.Namespace, command: str,
+             needs_encoder: bool) -> tuple[TrainConfig, Networks, torch.device, Path]:
+    """The checks every command makes before its work (device, --out, checkpoint), then the run's networks."""
+    device = config.resolve_device(args.device)
+    checkpoint = utils.checkpoint_path(args.checkpoint)
+    out = config.output_folder(args.out, checkpoint, command, WRITES[command])
+    cfg, nets, _ = utils.load_run(checkpoint, device)
+    if needs_encoder and nets.encoder is None:
+        raise UsageError(f"`{command}` needs an encoder, and a --model {cfg.model} checkpoint has none; "
+                         "use a checkpoint of vaegan, vae or vae-disl.")
     torch.manual_seed(args.seed)
-    if command == "sample":
-        return sample(nets, cfg, out, args.num, args.individual, args.seed)
-    if not (command == "interpolate" and args.prior):
-        require_encoder(nets, cfg, command)
-    if command == "reconstruct":
-        if args.images:
-            return reconstruct(nets, read_images(args.images, cfg, device), None, out)
-        images, labels = heldout_batch(heldout_split(cfg, args.data_root), args.num, cfg, device)
-        return reconstruct(nets, images, labels, out)
-    if command == "interpolate":
-        if args.prior:
-            codes = torch.randn(2, args.pairs, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-            start, end = codes.to(device)
-        else:
-            images, _ = heldout_batch(heldout_split(cfg, args.data_root), 2 * args.pairs, cfg, device)
-            if len(images) < 2:
-                raise CommandError("interpolation needs at least two held-out images; use --prior instead.")
-            z = encode(nets, images)
-            half = len(z) // 2
-            start, end = z[:half], z[half:2 * half]
-        return interpolate(nets, start, end, args.steps, out)
-    return attributes(nets, cfg, args, device, out)
+    return cfg, nets, device, out
 
 
-def attributes(nets: main.Networks, cfg: main.TrainConfig, args: argparse.Namespace, device: torch.device,
-               out: Path) -> list[Path]:
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_checkpoint_arguments(parser)
+    parser.add_argument("--num", type=config.count(1), default=64, help=config.with_default("how many samples", 64))
+    parser.add_argument("--individual", action="store_true", help=config.with_default("also one PNG per sample", "off"))
+
+
+def sample_command(args: argparse.Namespace) -> list[Path]:
+    cfg, nets, _, out = open_run(args, "sample", needs_encoder=False)
+    return write_samples(nets, cfg, out, args.num, args.individual, args.seed)
+
+
+def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_checkpoint_arguments(parser)
+    parser.add_argument("--num", type=config.count(1), default=64,
+                        help=config.with_default("how many held-out images", 64))
+    parser.add_argument("--images", nargs="+", metavar="PATH",
+                        help=config.with_default("image files or folders instead of held-out images", "none"))
+
+
+def reconstruct_command(args: argparse.Namespace) -> list[Path]:
+    cfg, nets, device, out = open_run(args, "reconstruct", needs_encoder=True)
+    if args.images:
+        return write_reconstructions(nets, read_images(args.images, cfg, device), None, out)
+    images, labels = heldout_batch(heldout_split(cfg, args.data_root), args.num, cfg, device)
+    return write_reconstructions(nets, images, labels, out)
+
+
+def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_checkpoint_arguments(parser)
+    parser.add_argument("--pairs", type=config.count(1), default=8, help=config.with_default("rows: pairs of endpoints", 8))
+    parser.add_argument("--steps", type=config.count(2), default=10,
+                        help=config.with_default("images per row, endpoints included", 10))
+    parser.add_argument("--prior", action="store_true",
+                        help=config.with_default("endpoints drawn from the prior instead of encoded images", "off"))
+
+
+def interpolate_command(args: argparse.Namespace) -> list[Path]:
+    cfg, nets, device, out = open_run(args, "interpolate", needs_encoder=not args.prior)
+    if args.prior:
+        codes = torch.randn(2, args.pairs, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+        start, end = codes.to(device)
+    else:
+        images, _ = heldout_batch(heldout_split(cfg, args.data_root), 2 * args.pairs, cfg, device)
+        if len(images) < 2:
+            raise UsageError("interpolation needs at least two held-out images; use --prior instead.")
+        z = encode(nets, images)
+        half = len(z) // 2
+        start, end = z[:half], z[half:2 * half]
+    return write_interpolation(nets, start, end, args.steps, out)
+
+
+def add_attributes_arguments(parser: argparse.ArgumentParser) -> None:
+    config.add_checkpoint_arguments(parser)
+    parser.add_argument("--attribute", help=config.with_default(
+        "one attribute by name, CelebA's or the --labels CSV's", "all"))
+    parser.add_argument("--from", dest="source", type=int,
+                        help=config.with_default("class datasets: the class the vector starts at", "none"))
+    parser.add_argument("--to", dest="target", type=int,
+                        help=config.with_default("class datasets: the class the vector points to", "none"))
+    parser.add_argument("--labels", help=config.with_default(
+        "for --dataset folder: a CSV filename,attr1,attr2,... (1 = has it)", "none"))
+    parser.add_argument("--num-labelled", type=config.count(2), default=10000,
+                        help=config.with_default("labelled images that build each vector", 10000))
+    parser.add_argument("--num-queries", type=config.count(1), default=8,
+                        help=config.with_default("images the vector is added to (rows)", 8))
+
+
+def attributes_command(args: argparse.Namespace) -> list[Path]:
     """One grid per attribute vector, built from labelled training images."""
+    cfg, nets, device, out = open_run(args, "attributes", needs_encoder=True)
     root = Path(args.data_root or cfg.data_root).expanduser()
     splits = data.load_dataset(cfg.dataset, root, cfg.image_size, cfg.channels)
-    train = splits.train
-    if isinstance(train, data.TensorImages):  # class labels: the vector from class --from to class --to
-        if args.source is None or args.target is None:
-            raise CommandError(f"{cfg.dataset} has class labels, not attributes: say which vector with --from A --to B "
-                               f"(classes {int(train.labels.min())}..{int(train.labels.max())}).")
-        classes = set(train.labels.unique().tolist())
-        for name, value in (("--from", args.source), ("--to", args.target)):
-            if value not in classes:
-                raise CommandError(f"{name} {value} is not a class of {cfg.dataset}; its classes are "
-                                   f"{min(classes)}..{max(classes)}.")
-        chosen = ((train.labels == args.source) | (train.labels == args.target)).nonzero().flatten()[:args.num_labelled]
-        images = data.resize(data.to_unit_range(train.images[chosen]), cfg.image_size).to(device)
-        vector = attribute_vector(encode(nets, images), train.labels[chosen].to(device) == args.target)
-        heldout = splits.heldout
-        queries = heldout.images[(heldout.labels == args.source).nonzero().flatten()[:args.num_queries]]
-        queries = data.resize(data.to_unit_range(queries), cfg.image_size).to(device)
-        return [attribute_grid(nets, queries, vector, out / f"class_{args.source}_to_{args.target}.png")]
-
+    if isinstance(splits.train, data.TensorImages):
+        return [write_class_vector_grid(nets, cfg, splits, args, device, out)]
     if cfg.dataset == "celeba":
-        names, labels, keep = data.celeba_attributes(root, train.files)
+        names, labels, keep = data.celeba_attributes(root, splits.train.files)
     elif args.labels:
-        names, labels, keep = read_attribute_csv(Path(args.labels).expanduser(), train.files)
+        names, labels, keep = read_attribute_csv(Path(args.labels).expanduser(), splits.train.files)
     else:
-        raise CommandError("a folder dataset has no labels of its own: give --labels CSV with a header "
-                           "filename,attr1,attr2,... and 1 where an image has the attribute.")
+        raise UsageError("a folder dataset has no labels of its own: give --labels CSV with a header "
+                         "filename,attr1,attr2,... and 1 where an image has the attribute.")
     wanted = names if args.attribute is None else [args.attribute]
     for name in wanted:
         if name not in names:
-            raise CommandError(f"unknown attribute {name!r}; the labels have: {', '.join(names)}.")
+            raise UsageError(f"unknown attribute {name!r}; the labels have: {', '.join(names)}.")
     keep = keep[:args.num_labelled]
-    labelled = torch.stack([train[i][0] for i in keep]).to(device)
-    z = encode(nets, labelled)
+    z = encode(nets, torch.stack([splits.train[i][0] for i in keep]).to(device))
     queries = heldout_batch(splits.heldout, args.num_queries, cfg, device)[0]
-    written = []
-    for name in wanted:
-        vector = attribute_vector(z, labels[:len(keep), names.index(name)].to(device))
-        written.append(attribute_grid(nets, queries, vector, out / f"attribute_{name}.png"))
-    return written
+    return [write_attribute_grid(nets, queries, attribute_vector(z, labels[:len(keep), names.index(name)].to(device)),
+                                 out / f"attribute_{name}.png") for name in wanted]
+
+
+def write_class_vector_grid(nets: Networks, cfg: TrainConfig, splits: data.Splits, args: argparse.Namespace,
+                            device: torch.device, out: Path) -> Path:
+    """Class labels: the vector from the mean code of class --from to that of class --to."""
+    train, heldout = splits.train, splits.heldout
+    if args.source is None or args.target is None:
+        raise UsageError(f"{cfg.dataset} has class labels, not attributes: say which vector with --from A --to B "
+                         f"(classes {int(train.labels.min())}..{int(train.labels.max())}).")
+    classes = set(train.labels.unique().tolist())
+    for name, value in (("--from", args.source), ("--to", args.target)):
+        if value not in classes:
+            raise UsageError(f"{name} {value} is not a class of {cfg.dataset}; its classes are "
+                             f"{min(classes)}..{max(classes)}.")
+    chosen = ((train.labels == args.source) | (train.labels == args.target)).nonzero().flatten()[:args.num_labelled]
+    images = data.resize(data.uint8_to_model(train.images[chosen]), cfg.image_size).to(device)
+    vector = attribute_vector(encode(nets, images), train.labels[chosen].to(device) == args.target)
+    queries = heldout.images[(heldout.labels == args.source).nonzero().flatten()[:args.num_queries]]
+    queries = data.resize(data.uint8_to_model(queries), cfg.image_size).to(device)
+    return write_attribute_grid(nets, queries, vector, out / f"class_{args.source}_to_{args.target}.png")

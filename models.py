@@ -1,13 +1,15 @@
-"""The paper's three networks: Encoder, Decoder and Discriminator.
+"""The paper's three networks (Encoder, Decoder, Discriminator) and the bundle a run trains.
 
-Layer tables follow the 64x64 architecture of Larsen et al. 2016 (arXiv 1512.09300). `ModelConfig.width` scales every channel and hidden-unit count so
-that small configurations exist for CPUs and tests; width 1.0 is the paper's model.
-Pure modules: no I/O, no training logic.
+Layer tables follow the 64x64 architecture of Larsen et al. 2016 (arXiv 1512.09300).
+`NetworkConfig.width` scales every channel and hidden-unit count so that small networks exist
+for CPUs and tests; width 1.0 is the paper's. A "model" is the method variant (`MODELS`): which
+of the three networks it owns. Pure modules: no I/O, no training logic.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -18,11 +20,11 @@ LEAK = 0.2  # LeakyReLU slope everywhere
 
 
 class ConfigError(ValueError):
-    """A model setting that cannot build a network; the message says what to change."""
+    """A network setting that cannot build a network; the message says what to change."""
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class NetworkConfig:
     image_size: int = 64   # square images; any multiple of 8 from 16 up
     channels: int = 1      # 1 (grey) or 3 (RGB)
     latent_dim: int = 128  # size of z
@@ -83,7 +85,7 @@ def deconv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
 class Encoder(nn.Module):
     """x (N, C, S, S) -> mean, logvar of q(z|x), each (N, latent_dim)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: NetworkConfig):
         super().__init__()
         c1, c2, c3, hidden = (cfg.scaled(u) for u in ENCODER_WIDTHS)
         self.features = nn.Sequential(
@@ -106,7 +108,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z (N, latent_dim) -> image (N, C, S, S) in [-1, 1]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: NetworkConfig):
         super().__init__()
         self.latent_dim = cfg.latent_dim
         c0, c1, c2, c3 = (cfg.scaled(u) for u in DECODER_WIDTHS)
@@ -134,7 +136,7 @@ class Discriminator(nn.Module):
     LeakyReLU for the first convolution, which has no BatchNorm), flattened.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: NetworkConfig):
         super().__init__()
         c1, c2, c3, c4, hidden = (cfg.scaled(u) for u in DISCRIMINATOR_WIDTHS)
         self.recon_layer = cfg.recon_layer
@@ -175,3 +177,68 @@ class Discriminator(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+MODELS = {  # --model: the networks it owns (only these are built, saved and updated)
+    "vaegan": ("encoder", "decoder", "discriminator"),    # the paper's method
+    "vae": ("encoder", "decoder"),                        # element-wise (pixel) reconstruction error
+    "vae-disl": ("encoder", "decoder", "discriminator"),  # Dis_l error, but no GAN gradient to the decoder
+    "gan": ("decoder", "discriminator"),                  # the decoder as a plain GAN generator
+}
+
+
+@dataclass
+class Networks:
+    """The networks of one run; those its model does not own are None."""
+    decoder: nn.Module
+    encoder: nn.Module | None = None
+    discriminator: nn.Module | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The networks present, by name, in a fixed order."""
+        named = {"encoder": self.encoder, "decoder": self.decoder, "discriminator": self.discriminator}
+        return {name: module for name, module in named.items() if module is not None}
+
+
+def build_networks(cfg: NetworkConfig, device: torch.device | str = "cpu", model: str = "vaegan") -> Networks:
+    """The networks that `model` owns, freshly initialised."""
+    classes = {"encoder": Encoder, "decoder": Decoder, "discriminator": Discriminator}
+    return Networks(**{name: classes[name](cfg).to(device) for name in MODELS[model]})
+
+
+def batch_norms(module: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
+    return (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+@torch.no_grad()
+def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Decode with BatchNorm normalising by this batch's statistics, leaving the running ones untouched.
+
+    This is how the sample grids are drawn: prior samples look better so than with the running
+    averages (docs/reproduction.md compares the two).
+    """
+    norms = list(batch_norms(decoder))
+    was_training = decoder.training
+    decoder.train()
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        return decoder(z)
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        decoder.train(was_training)
+
+
+@torch.no_grad()
+def reconstruct(nets: Networks, x: torch.Tensor) -> torch.Tensor:
+    """Dec(mean of q(z|x)) with the networks in evaluation mode (their running statistics)."""
+    modes = nets.encoder.training, nets.decoder.training
+    nets.encoder.eval()
+    nets.decoder.eval()
+    try:
+        mean, _ = nets.encoder(x)
+        return nets.decoder(mean)
+    finally:
+        nets.encoder.train(modes[0])
+        nets.decoder.train(modes[1])

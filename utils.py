@@ -1,4 +1,4 @@
-"""Run outputs: image grids, loss plots, metrics.csv, config.json and checkpoints.
+"""Run outputs: image grids, loss plots, metrics.csv, config.json and checkpoints (writing and reading).
 
 Every file is written to a temporary name in the same folder and renamed into place,
 so a crash never leaves a half-written grid, plot or checkpoint behind.
@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
+import math
 import os
 import random
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+import config
+import models
 
 import matplotlib
 
@@ -61,9 +66,14 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(temporary)
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """Save images in [-1, 1] as one PNG grid."""
-    grid = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
+def model_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Images as the networks see them, in [-1, 1], -> float32 on the CPU in [0, 1]."""
+    return images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
+
+
+def write_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Write images in [-1, 1] as one PNG grid."""
+    grid = model_to_unit(images)
     write_atomic(path, lambda tmp: save_image(grid, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png"))
 
 
@@ -72,7 +82,7 @@ def interleave(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.
     return torch.stack([originals.cpu(), reconstructions.cpu()], dim=1).flatten(0, 1)
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
     """Compressed .npz of named arrays, atomically."""
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: numpy would add .npz to the temporary name
@@ -93,7 +103,7 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, damaged or not one of ours; the message says what to do."""
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
+def write_checkpoint(state: dict, path: Path) -> None:
     """torch.save, atomically: the previous checkpoint stays until the new one is complete."""
     write_atomic(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
 
@@ -121,6 +131,42 @@ def load_checkpoint(run_dir_or_file: str | Path) -> dict:
     return state
 
 
+def checkpoint_state(nets: models.Networks, optimizers: dict[str, torch.optim.Optimizer], cfg: config.TrainConfig,
+                     position: dict[str, int], history: dict[str, list]) -> dict:
+    """Everything a run needs to continue exactly: weights, optimizers, position, RNG, history.
+
+    `position`: step, epoch and epoch_batches (batches of the epoch done).
+    """
+    return {"config": dataclasses.asdict(cfg), **position, **{name: m.state_dict() for name, m in nets.modules().items()},
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "rng": rng_state(), "history": history}
+
+
+def load_networks(state: dict, nets: models.Networks) -> None:
+    """Load a checkpoint's weights; CheckpointError if they were made for another model."""
+    for name, module in nets.modules().items():
+        if name not in state:
+            raise CheckpointError(f"the checkpoint holds no {name}, which its model needs; it is damaged or "
+                                  "edited. Use a checkpoint written by this tool.")
+        try:
+            module.load_state_dict(state[name])
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"the checkpoint's {name} does not fit the model its config describes ({str(error).splitlines()[0]}); "
+                "it was made for another model or edited. Use a checkpoint written by this tool.") from None
+
+
+def load_run(checkpoint: str | Path, device: torch.device) -> tuple[config.TrainConfig, models.Networks, int]:
+    """The config, the networks (in evaluation mode, on `device`) and the step of a checkpoint."""
+    state = load_checkpoint(checkpoint)
+    cfg = config.TrainConfig.from_saved(state["config"])
+    nets = models.build_networks(cfg.network_config(), "cpu", cfg.model)
+    load_networks(state, nets)
+    for module in nets.modules().values():
+        module.to(device).eval()
+    return cfg, nets, state["step"]
+
+
 def rng_state() -> dict:
     """Every random-number state a run uses: torch (CPU and CUDA), numpy and python."""
     numpy_state, python_state = np.random.get_state(), random.getstate()
@@ -146,13 +192,16 @@ class MetricsLog:
     """metrics.csv, one row per step, kept in memory too for the plots and checkpoints.
 
     Given the `history` of a checkpoint, the file is rewritten to exactly those rows first,
-    so a resumed run continues it without a gap or a repeated step.
+    so a resumed run continues it without a gap or a repeated step. A column that the history
+    lacks (a checkpoint written before the column existed) is NaN in its rows.
     """
 
     def __init__(self, path: Path, history: dict[str, list] | None = None):
         self.path = Path(path)
-        columns = history or {name: [] for name in METRIC_FIELDS}
-        self.rows: list[dict[str, float]] = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        columns = history or {}
+        steps = len(columns.get("step", []))
+        self.rows: list[dict[str, float]] = [
+            {name: columns[name][i] if name in columns else math.nan for name in METRIC_FIELDS} for i in range(steps)]
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
@@ -207,13 +256,13 @@ def draw_curves(axis: plt.Axes, steps: np.ndarray, curves: dict[str, np.ndarray]
     axis.legend(loc="best", fontsize=8)
 
 
-def save_figure(figure: plt.Figure, path: Path) -> None:
+def write_figure(figure: plt.Figure, path: Path) -> None:
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     plt.close(figure)
 
 
-def plot_metrics(log: MetricsLog, plots_dir: Path) -> None:
+def write_plots(log: MetricsLog, plots_dir: Path) -> None:
     """Redraw kl_divergence.png and recon_loss.png (models with an encoder) and gan_loss.png
     (models with a discriminator) from the whole history."""
     if not log.rows:
@@ -221,25 +270,25 @@ def plot_metrics(log: MetricsLog, plots_dir: Path) -> None:
     steps = log.column("step")
     has = {name: bool(np.isfinite(log.column(name)).any()) for name in ("loss_prior", "loss_gan")}
     if has["loss_prior"]:
-        plot_vae_terms(log, steps, plots_dir)
+        write_vae_plots(log, steps, plots_dir)
     if has["loss_gan"]:
-        plot_gan_terms(log, steps, plots_dir)
+        write_gan_plots(log, steps, plots_dir)
 
 
-def plot_vae_terms(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
+def write_vae_plots(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 3.5))
     draw_curves(axis, steps, {"L_prior = KL(q(z|x) || p(z))": log.column("loss_prior")}, "nats per image")
     axis.set_xlabel("step")
-    save_figure(figure, plots_dir / "kl_divergence.png")
+    write_figure(figure, plots_dir / "kl_divergence.png")
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     draw_curves(top, steps, {"L_llike (the model's reconstruction error)": log.column("loss_llike")}, "per image")
     draw_curves(bottom, steps, {"pixel MSE of reconstructions": log.column("recon_mse")}, "per pixel, [-1, 1] scale")
     bottom.set_xlabel("step")
-    save_figure(figure, plots_dir / "recon_loss.png")
+    write_figure(figure, plots_dir / "recon_loss.png")
 
 
-def plot_gan_terms(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
+def write_gan_plots(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
     figure, (losses, outputs, updates) = plt.subplots(3, 1, figsize=(7, 8.5), sharex=True)
     draw_curves(losses, steps, {"discriminator: L_GAN": log.column("loss_gan"),
                                 "decoder: GAN term": log.column("loss_dec_gan")}, "loss")
@@ -250,4 +299,4 @@ def plot_gan_terms(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:
                                  "decoder updated": log.column("update_dec")}, "fraction of steps", raw=False)
     updates.set_ylim(-0.02, 1.02)
     updates.set_xlabel("step")
-    save_figure(figure, plots_dir / "gan_loss.png")
+    write_figure(figure, plots_dir / "gan_loss.png")

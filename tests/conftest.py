@@ -1,5 +1,6 @@
 """Shared test helpers: the real-data location and tiny image files."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +10,25 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+TINY = ["--image-size", "16", "--width", "0.125", "--latent-dim", "8", "--batch-size", "16"]  # a run of seconds
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """python3 main.py ARGS, as a user types it."""
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny vaegan and a tiny gan checkpoint, trained a few steps on MNIST."""
+    folder = tmp_path_factory.mktemp("runs")
+    made = {}
+    for model in ("vaegan", "gan"):
+        made[model] = folder / model
+        result = run_cli("--model", model, "--out", str(made[model]), "--max-steps", "3", *TINY)
+        assert result.returncode == 0, result.stderr
+    return made
 
 
 @pytest.fixture

@@ -17,9 +17,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import distributed  # noqa: E402
+import config  # noqa: E402
 import main  # noqa: E402
+import models  # noqa: E402
+import step  # noqa: E402
 import utils  # noqa: E402
-from models import ModelConfig  # noqa: E402
+from models import NetworkConfig  # noqa: E402
 
 RANK = int(os.environ["RANK"])
 RECORD = Path(os.environ["VAEGAN_RECORD"])
@@ -31,11 +34,11 @@ def run_main_recording(argv: list[str], die_at_step: int | None = None) -> int:
     record = {"gate": [], "indices": [], "writes": [], "parameters": {}}
     captured = {}
 
-    gate = main.equilibrium_gate
-    main.equilibrium_gate = lambda *args: record["gate"].append(gate(*args)) or record["gate"][-1]
+    gate = step.equilibrium_gate
+    step.equilibrium_gate = lambda *args: record["gate"].append(gate(*args)) or record["gate"][-1]
 
-    build = main.build_networks
-    main.build_networks = lambda *args, **kwargs: captured.setdefault("nets", build(*args, **kwargs))
+    build = models.build_networks
+    models.build_networks = lambda *args, **kwargs: captured.setdefault("nets", build(*args, **kwargs))
 
     epoch = data.Batches.epoch
 
@@ -52,14 +55,14 @@ def run_main_recording(argv: list[str], die_at_step: int | None = None) -> int:
     utils.MetricsLog.__init__ = lambda self, path, *a: record["writes"].append(str(path)) or metrics_log(self, path, *a)
 
     if die_at_step is not None:
-        step, steps_taken = main.train_step, []
+        train_step, steps_taken = step.train_step, []
 
         def dying_step(*args, **kwargs):
             steps_taken.append(1)
             if RANK == 1 and len(steps_taken) == die_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return step(*args, **kwargs)
-        main.train_step = dying_step
+            return train_step(*args, **kwargs)
+        step.train_step = dying_step
 
     code = main.main(argv)
     record["parameters"] = {name: {k: v.clone() for k, v in module.named_parameters()}
@@ -73,17 +76,17 @@ def gradients() -> int:
     result, group = {}, distributed.start("cpu")
     for grad_sync in distributed.GRAD_SYNCS:
         replicas = dataclasses.replace(group, grad_sync=grad_sync)
-        cfg = main.LossConfig(equilibrium=None)  # every network updated: every gradient is compared
+        cfg = config.LossConfig(equilibrium=None)  # every network updated: every gradient is compared
         torch.manual_seed(0)
-        nets = main.build_networks(ModelConfig(image_size=16, width=0.125))
+        nets = models.build_networks(NetworkConfig(image_size=16, width=0.125))
         generator = torch.Generator().manual_seed(100 + RANK)  # each process its own images and noise
         x = torch.rand(8, 1, 16, 16, generator=generator) * 2 - 1
         noise = torch.randn(2, 8, 128, generator=generator)
-        local_stats = main.compute_gradients(nets, x, cfg, noise)
+        local_stats = step.compute_gradients(nets, x, cfg, noise)
         local = {name: [p.grad.clone() for p in m.parameters()] for name, m in nets.modules().items()}
-        step_nets, precision, _ = main.fast_paths(nets, "off", False, False, torch.device("cpu"), replicas)
-        optimizers = main.build_optimizers(nets, 3e-4, 0.9)
-        stats = main.train_step(step_nets, optimizers, x, cfg, noise, replicas=replicas)
+        step_nets, precision, _ = step.fast_paths(nets, "off", False, False, torch.device("cpu"), replicas)
+        optimizers = step.build_optimizers(nets, 3e-4, 0.9)
+        stats = step.train_step(step_nets, optimizers, x, cfg, noise, replicas=replicas)
         result[grad_sync] = {
             "local": local,
             "averaged": {name: [p.grad.clone() for p in m.parameters()] for name, m in nets.modules().items()},

@@ -5,22 +5,25 @@ import pytest
 import torch
 
 import bench
-import main
-from models import ModelConfig
+import config
+import kernels
+import models
+import step
+from models import NetworkConfig
 
 
 @pytest.mark.parametrize("gan_loss", ["minimax", "nonsaturating"])
 def test_project_and_naive_steps_make_the_same_updates(gan_loss):
     torch.manual_seed(0)
-    nets = main.build_networks(ModelConfig(image_size=16, latent_dim=8, width=0.125))
+    nets = models.build_networks(NetworkConfig(image_size=16, latent_dim=8, width=0.125))
     for module in nets.modules().values():
         module.double()
     twin = copy.deepcopy(nets)
     x = torch.rand(6, 1, 16, 16, dtype=torch.float64) * 2 - 1
     noise = (torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64))
-    cfg = main.LossConfig(gamma=0.3, llike_weight=0.5, gan_loss=gan_loss, equilibrium=None)
-    main.train_step(nets, main.build_optimizers(nets, 1e-3, 0.9), x, cfg, noise)
-    bench.naive_step(twin, main.build_optimizers(twin, 1e-3, 0.9), x, cfg, noise)
+    cfg = config.LossConfig(gamma=0.3, llike_weight=0.5, gan_loss=gan_loss, equilibrium=None)
+    step.train_step(nets, step.build_optimizers(nets, 1e-3, 0.9), x, cfg, noise)
+    bench.naive_step(twin, step.build_optimizers(twin, 1e-3, 0.9), x, cfg, noise)
     for name, module in nets.modules().items():
         for (key, p), q in zip(module.state_dict().items(), twin.modules()[name].state_dict().values()):
             # atol: biases before a BatchNorm have zero gradient up to rounding, which RMSprop scales to ~1e-12
@@ -71,4 +74,4 @@ def test_bench_compares_in_the_format_training_uses(tmp_path):
                       "--no-channels-last", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["config"]["channels_last"] is False and "project_contiguous" not in report["results"]
-    assert main.default_channels_last(torch.device("cpu")) and not main.default_channels_last(torch.device("cuda"))
+    assert kernels.default_channels_last(torch.device("cpu")) and not kernels.default_channels_last(torch.device("cuda"))

@@ -197,9 +197,9 @@ def test_processes_get_disjoint_equal_shards_reshuffled_each_epoch(tmp_path):
 
 def test_resize_and_unit_range():
     images = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
-    out = data.resize(data.to_unit_range(images), 32)
+    out = data.resize(data.uint8_to_model(images), 32)
     assert out.shape == (2, 1, 32, 32) and torch.allclose(out, torch.ones_like(out))
-    assert data.to_unit_range(torch.zeros(1, dtype=torch.uint8)).item() == -1.0
+    assert data.uint8_to_model(torch.zeros(1, dtype=torch.uint8)).item() == -1.0
 
 
 def test_celeba_attribute_list(tmp_path):

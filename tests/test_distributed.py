@@ -14,8 +14,9 @@ import torch
 
 import distributed
 import main
+import models
 from conftest import ROOT
-from models import ModelConfig
+from models import NetworkConfig
 
 WORKER = ROOT / "tests" / "ddp_worker.py"
 TINY = ["--image-size", "16", "--width", "0.125", "--batch-size", "16", "--num-workers", "0"]
@@ -187,15 +188,15 @@ def test_rank_0_alone_downloads_and_reports_a_failed_download(tmp_path):
 
 
 def test_sync_bn_converts_every_batchnorm_and_keeps_checkpoints_compatible():
-    nets = main.build_networks(ModelConfig(image_size=16, width=0.125))
+    nets = models.build_networks(NetworkConfig(image_size=16, width=0.125))
     keys = {name: set(m.state_dict()) for name, m in nets.modules().items()}
     weights = {name: [p.clone() for p in m.parameters()] for name, m in nets.modules().items()}
-    note = main.convert_sync_batchnorm(nets, distributed.Replicas(rank=0, world_size=2))
+    note = distributed.convert_sync_batchnorm(nets, distributed.Replicas(rank=0, world_size=2))
     assert "SyncBatchNorm" in note
     for name, module in nets.modules().items():
         norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
         assert set(module.state_dict()) == keys[name]  # the same checkpoint keys as without --sync-bn
         assert all(torch.equal(a, b) for a, b in zip(module.parameters(), weights[name]))
-    assert "no effect" in main.convert_sync_batchnorm(main.build_networks(ModelConfig(image_size=16, width=0.125)),
+    assert "no effect" in distributed.convert_sync_batchnorm(models.build_networks(NetworkConfig(image_size=16, width=0.125)),
                                                       distributed.SINGLE)

@@ -1,34 +1,22 @@
 """The latent-space commands and evaluate, on a tiny checkpoint made here."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import evaluate
+import config
 import latent
-import main
-from conftest import ROOT, write_images
-from test_main import TINY, run_cli
+import models
+from conftest import TINY, run_cli, write_images
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny vaegan and a tiny gan checkpoint, trained a few steps on MNIST."""
-    folder = tmp_path_factory.mktemp("runs")
-    made = {}
-    for model in ("vaegan", "gan"):
-        made[model] = folder / model
-        result = run_cli("--model", model, "--out", str(made[model]), "--max-steps", "3", *TINY)
-        assert result.returncode == 0, result.stderr
-    return made
+@pytest.fixture
+def runs(tiny_runs):
+    return tiny_runs
 
 
-def command(*args):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, timeout=600)
+command = run_cli
 
 
 def png_size(path):
@@ -72,13 +60,13 @@ def test_interpolate_rows_walk_between_the_endpoints(runs, tmp_path):
 
 
 def test_interpolation_endpoints_are_the_codes():
-    nets = main.build_networks(main.ModelConfig(image_size=16, width=0.125, latent_dim=8))
+    nets = models.build_networks(models.NetworkConfig(image_size=16, width=0.125, latent_dim=8))
     captured = []
     original = latent.decode
     latent.decode = lambda nets, z: (captured.append(z), original(nets, z))[1]
     try:
         start, end = torch.zeros(2, 8), torch.ones(2, 8)
-        latent.interpolate(nets, start, end, 3, __import__("pathlib").Path("/tmp/vaegan-test-interp"))
+        latent.write_interpolation(nets, start, end, 3, __import__("pathlib").Path("/tmp/vaegan-test-interp"))
     finally:
         latent.decode = original
     rows = captured[0].view(2, 3, 8)
@@ -90,7 +78,7 @@ def test_attribute_vector_is_the_difference_of_class_means():
     has = torch.tensor([0, 0, 1, 1, 1])
     expected = torch.tensor([20.0, 20.0]) - torch.tensor([2.0, 1.0])
     assert torch.allclose(latent.attribute_vector(z, has), expected)
-    with pytest.raises(latent.CommandError, match="both with and without"):
+    with pytest.raises(config.UsageError, match="both with and without"):
         latent.attribute_vector(z, torch.ones(5))
 
 
@@ -124,36 +112,13 @@ def test_attributes_from_a_csv_for_a_folder_dataset(tmp_path):
     (["attributes", "--checkpoint", "{vaegan}"], "--from A --to B"),
     (["attributes", "--checkpoint", "{vaegan}", "--from", "3", "--to", "12"], "--to 12 is not a class"),
     (["reconstruct", "--checkpoint", "{vaegan}", "--images", "/nonexistent.png"], "does not exist"),
-    (["sample", "--checkpoint", "{gan}", "--num", "0"], "--num 0 must be at least 1"),
+    (["sample", "--checkpoint", "{gan}", "--num", "0"], "argument --num: 0 must be at least 1"),
     (["evaluate", "--checkpoint", "{gan}", "--num", "1"], "at least 2"),
 ])
 def test_commands_reject_bad_input_clearly(runs, args, words):
     args = [a.format(**{k: str(v) for k, v in runs.items()}) for a in args]
     result = command(*args)
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
-
-
-def test_evaluate_prints_a_table_and_writes_json(runs, tmp_path, writable_mnist_root):
-    out = tmp_path / "eval.json"
-    result = command("evaluate", "--checkpoint", str(runs["vaegan"]), "--num", "200", "--data-root", str(writable_mnist_root),
-                     "--json", str(out))
-    assert result.returncode == 0, result.stderr
-    report = json.loads(out.read_text())
-    assert report["images"] == 200 and report["model"] == "vaegan" and report["pixel_mse"] > 0 and report["kl"] >= 0
-    assert report["classifier_test_accuracy[mnist-cnn]"] >= 0.99
-    assert report["sample_fid[mnist-cnn]"] > 0 and 0 <= report["recon_accuracy[mnist-cnn]"] <= 1
-    assert "sample_fid[mnist-cnn]" in result.stdout and any("Inception" in n for n in report["notes"])
-
-
-def test_classifier_fid_is_near_zero_for_identical_sets_and_large_for_different_ones(writable_mnist_root):
-    classifier, accuracy = evaluate.cached_classifier("mnist", writable_mnist_root)
-    splits = evaluate.data.load_dataset("mnist", writable_mnist_root, 28)
-    ones = evaluate.data.to_unit_range(splits.heldout.images[splits.heldout.labels == 1][:300])
-    zeros = evaluate.data.to_unit_range(splits.heldout.images[splits.heldout.labels == 0][:300])
-    _, a = evaluate.classify(classifier, ones)
-    _, b = evaluate.classify(classifier, zeros)
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-3
-    assert evaluate.frechet_distance(a, b) > 100 * max(1.0, abs(evaluate.frechet_distance(a[:150], a[150:])))
 
 
 def test_unreadable_images_are_a_clear_error(runs, tmp_path):

@@ -1,23 +1,14 @@
 """The command line as a user types it: help, bad input, presets, and a short real MNIST run."""
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
 import main
-from conftest import ROOT, write_images
-
-TINY = ["--image-size", "16", "--width", "0.125", "--latent-dim", "8", "--batch-size", "16"]
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
+import models
+from conftest import ROOT, TINY, run_cli, write_images
 
 def test_help_lists_every_option():
     result = run_cli("--help")
@@ -41,7 +32,7 @@ def test_help_lists_every_option():
     (["--recon-layer", "5"], "out of range"),
     (["--gamma", "2"], "--gamma 2.0 must be in [0, 1]"),
     (["--lr", "-1"], "must be positive"),
-    (["--equilibrium", "nan"], "finite numbers"),
+    (["--equilibrium", "nan"], "must be a finite number"),
     (["--device", "cuda:7"], "cuda"),
     (["--device", "tpu"], "not a device"),
     (["--dataset", "mnist", "--channels", "3"], "does not fit mnist"),
@@ -71,22 +62,6 @@ def test_unwritable_out_is_refused(tmp_path):
     result = run_cli("--out", str(blocker / "run"), "--max-steps", "1", *TINY)
     assert result.returncode == 2 and "cannot write into --out" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def parse(*args):
-    parser = main.build_parser()
-    return main.resolve_config(parser.parse_args(list(args)), torch.device("cpu"))
-
-
-def test_auto_preset_on_cpu_is_the_cpu_preset_and_explicit_flags_win():
-    cfg, line = parse("--dataset", "mnist")
-    assert cfg.preset == "cpu" and "preset cpu (auto on cpu)" in line and "--preset paper" in line
-    assert (cfg.image_size, cfg.width, cfg.epochs) == tuple(main.PRESETS["cpu"].values()) == (32, 0.25, 5)
-    assert (cfg.gamma, cfg.llike_weight) == (1e-5, 1.0)
-    cfg, _ = parse("--preset", "paper", "--epochs", "3", "--width", "0.5")
-    assert (cfg.image_size, cfg.width, cfg.epochs) == (64, 0.5, 3)
-    on_gpu, _ = main.resolve_config(main.build_parser().parse_args([]), torch.device("cuda"))
-    assert on_gpu.preset == "paper" and on_gpu.image_size == 64
 
 
 def test_folder_dataset_trains_and_skips_corrupt_images(tmp_path):
@@ -136,15 +111,6 @@ def test_same_seed_same_run(tmp_path, real_data):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_sampling_with_batch_statistics_leaves_running_statistics_alone():
-    nets = main.build_networks(main.ModelConfig(image_size=16, width=0.125, latent_dim=8))
-    before = {k: v.clone() for k, v in nets.decoder.state_dict().items()}
-    nets.decoder.eval()
-    images = main.decode_with_batch_statistics(nets.decoder, torch.randn(4, 8))
-    assert images.shape == (4, 1, 16, 16) and not nets.decoder.training
-    assert all(torch.equal(before[k], v) for k, v in nets.decoder.state_dict().items())
-
-
 def test_failed_download_through_the_command_line(tmp_path):
     out = tmp_path / "run"
     result = run_cli("--dataset", "fashion-mnist", "--data-root", str(tmp_path / "data"), "--out", str(out), *TINY)
@@ -173,27 +139,13 @@ def test_fast_paths_run_on_the_cpu_too(tmp_path, flags, note):
     assert not any(key.startswith("_orig_mod") for key in state["encoder"])  # plain weights, also when compiled
 
 
-@pytest.mark.parametrize("model", list(main.MODELS))
-def test_each_model_builds_and_updates_only_its_own_networks(model):
-    torch.manual_seed(0)
-    nets = main.build_networks(main.ModelConfig(image_size=16, width=0.125, latent_dim=8), "cpu", model)
-    assert tuple(nets.modules()) == main.MODELS[model]
-    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in nets.modules().items()}
-    stats = main.train_step(nets, main.build_optimizers(nets, 1e-3, 0.9), torch.rand(8, 1, 16, 16) * 2 - 1,
-                            main.LossConfig(model=model, equilibrium=None))
-    for name, module in nets.modules().items():
-        assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before[name])), name
-    terms = main.LOSS_TERMS[model]
-    assert all(stats[k] == stats[k] for k in terms)  # the model's own terms are numbers, not NaN
-
-
 @pytest.mark.parametrize("model", ["vae", "vae-disl", "gan"])
 def test_each_model_trains_from_the_command_line_and_saves_only_its_networks(tmp_path, model):
     out = tmp_path / "run"
     result = run_cli("--model", model, "--out", str(out), "--max-steps", "3", *TINY)
     assert result.returncode == 0, result.stderr
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    owned = set(main.MODELS[model])
+    owned = set(models.MODELS[model])
     assert {k for k in ("encoder", "decoder", "discriminator") if k in state} == owned == set(state["optimizers"])
     assert (out / "samples" / "epoch_001.png").exists()
     assert (out / "reconstructions" / "epoch_001.png").exists() == ("encoder" in owned)
@@ -214,31 +166,127 @@ def test_unusable_image_folder_through_the_command_line(tmp_path, case, words):
     assert not out.exists()
 
 
-@pytest.mark.skipif(main.glibc() is None, reason="malloc tuning is for glibc (Linux)")
-def test_cpu_training_keeps_freed_memory_for_reuse():
-    """A 64 MiB block allocated and freed step after step: kept, its pages are reused once the heap
-    has settled; otherwise every page is faulted in afresh each time (what each training step
-    would pay for its activations)."""
-    code = ("import resource, sys, torch, main\n"
-            "applied = main.keep_freed_memory(torch.device(sys.argv[1]), keep=sys.argv[2] == 'keep')\n"
-            "for step in range(8):\n"
-            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "    block = torch.ones(1 << 24)\n"
-            "    del block\n"
-            "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
-    faults = {}
-    # On a GPU the activations are not in malloc's memory: left alone. keep=False is how bench.py
-    # measures memory: every large block mapped on its own and returned when freed.
-    for device, keep in (("cpu", "keep"), ("cuda", "keep"), ("cpu", "exact")):
-        result = subprocess.run([sys.executable, "-c", code, device, keep], capture_output=True, text=True, cwd=ROOT)
-        applied, faults[device, keep] = result.stdout.split()
-        assert applied == str(device == "cpu")
-    assert int(faults["cpu", "keep"]) < 1000  # 64 MiB is 16,384 pages of 4 KiB
-    assert int(faults["cuda", "keep"]) > 10_000 and int(faults["cpu", "exact"]) > 10_000
-
-
 def test_channels_last_is_the_cpu_default_and_can_be_turned_off(tmp_path):
     for flags, expected in (([], True), (["--no-channels-last"], False)):
         out = tmp_path / f"run{len(flags)}"
         assert main.main(["--out", str(out), "--max-steps", "1", *TINY, *flags]) == 0
         assert json.loads((out / "config.json").read_text())["channels_last"] is expected
+
+
+def tree(folder):
+    """Every file below `folder` with its bytes: what "nothing on disk changed" compares."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+CHECKPOINT_COMMANDS = {  # each command with arguments that work on the tiny vaegan run
+    "sample": [], "reconstruct": ["--num", "4"], "interpolate": ["--pairs", "2", "--steps", "3"],
+    "attributes": ["--from", "3", "--to", "8", "--num-labelled", "50", "--num-queries", "2"], "evaluate": ["--num", "50"],
+}
+NONSENSE_COUNTS = {"sample": ["--num", "0"], "reconstruct": ["--num", "-3"], "interpolate": ["--steps", "1"],
+                   "attributes": ["--num-queries", "0"], "evaluate": ["--num", "1"]}
+
+
+@pytest.mark.parametrize("case", ["no gpu", "bad count", "out is a file", "out holds other files",
+                                  "missing checkpoint", "damaged checkpoint"])
+@pytest.mark.parametrize("command", list(CHECKPOINT_COMMANDS))
+def test_every_command_refuses_bad_input_with_one_paragraph_and_changes_nothing(tiny_runs, tmp_path, command, case):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.json"):
+        (run / name).write_bytes((tiny_runs["vaegan"] / name).read_bytes())
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    args = [command, "--checkpoint", str(run), *CHECKPOINT_COMMANDS[command], "--device", "cpu"]
+    if case == "no gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args += ["--device", "cuda"]
+    elif case == "bad count":
+        args += NONSENSE_COUNTS[command]
+    elif case == "out is a file":
+        args += ["--out", str(tmp_path / "a-file")]
+    elif case == "out holds other files":
+        args += ["--out", str(tmp_path / "other")]
+    elif case == "missing checkpoint":
+        args[2] = str(tmp_path / "nowhere")
+    else:
+        (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000])
+    before = tree(tmp_path)
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "error" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1
+    words = {"no gpu": "no CUDA GPU", "bad count": "must be at least", "out is a file": "is a file",
+             "out holds other files": "notes.txt", "missing checkpoint": "there is no checkpoint",
+             "damaged checkpoint": "truncated or not a checkpoint"}[case]
+    assert words in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_training_on_a_gpu_that_is_not_there_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("--device", "cuda", "--out", str(tmp_path / "run"), *TINY)
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "other files"])
+def test_training_refuses_an_out_that_is_a_file_or_holds_other_files(tmp_path, case):
+    out = tmp_path / "out"
+    if case == "a file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = tree(tmp_path)
+    result = run_cli("--out", str(out), "--max-steps", "1", *TINY)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("is a file" if case == "a file" else "notes.txt") in result.stderr
+    assert tree(tmp_path) == before
+
+
+def test_each_checkpoint_command_reuses_its_own_folder(tiny_runs, tmp_path):
+    for _ in range(2):
+        result = run_cli("sample", "--checkpoint", str(tiny_runs["vaegan"]), "--num", "4", "--out", str(tmp_path / "s"))
+        assert result.returncode == 0, result.stderr
+
+
+def shown_default(action) -> str:
+    """The default an option's --help shows: the text in its closing "(default: ...)"."""
+    text = " ".join(action.help.split())
+    assert text.endswith(")") and "(default: " in text, f"{action.option_strings} does not show its default"
+    return text[text.rindex("(default: ") + len("(default: "):-1]
+
+
+def parser_options(command):
+    return {option: shown_default(action) for action in main.build_parser(command)._actions
+            for option in action.option_strings if option.startswith("--") and option != "--help"}
+
+
+def readme_rows(header):
+    """Cells of the README table whose header row starts with `header`."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index(header)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().strip("`") for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_readme_option_tables_list_every_option_with_its_default():
+    training = {}
+    for flags, default, _ in readme_rows("| option | default | what it sets |"):
+        for option in flags.split("` / `"):
+            training[option] = default
+    assert training == parser_options("train")
+    commands = {}
+    for flags, names, default, _ in readme_rows("| option | commands | default | what it sets |"):
+        for name in names.split(", "):
+            commands[name, flags] = default
+    expected = {(name, option): default for name in main.COMMANDS if name != "train"
+                for option, default in parser_options(name).items()}
+    assert commands == expected

@@ -3,18 +3,19 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import ConfigError, Decoder, Discriminator, Encoder, ModelConfig, count_parameters
+import models
+from models import ConfigError, Decoder, Discriminator, Encoder, NetworkConfig, count_parameters
 
 
 def test_paper_configuration_parameter_counts():
-    cfg = ModelConfig()  # 1x64x64, latent 128, width 1.0
+    cfg = NetworkConfig()  # 1x64x64, latent 128, width 1.0
     assert count_parameters(Encoder(cfg)) == 35_112_064
     assert count_parameters(Decoder(cfg)) == 5_834_753
     assert count_parameters(Discriminator(cfg)) == 10_953_409
 
 
 def test_batchnorm_uses_pytorch_default_momentum():
-    for net in (Encoder(ModelConfig(width=0.25)), Decoder(ModelConfig(width=0.25)), Discriminator(ModelConfig(width=0.25))):
+    for net in (Encoder(NetworkConfig(width=0.25)), Decoder(NetworkConfig(width=0.25)), Discriminator(NetworkConfig(width=0.25))):
         norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert norms and all(m.momentum == 0.1 for m in norms)
 
@@ -22,7 +23,7 @@ def test_batchnorm_uses_pytorch_default_momentum():
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("size", [32, 64, 128])
 def test_output_shapes(channels, size):
-    cfg = ModelConfig(image_size=size, channels=channels, latent_dim=16, width=0.125)
+    cfg = NetworkConfig(image_size=size, channels=channels, latent_dim=16, width=0.125)
     x = torch.rand(3, channels, size, size) * 2 - 1
     mean, logvar = Encoder(cfg)(x)
     assert mean.shape == logvar.shape == (3, 16)
@@ -36,7 +37,7 @@ def test_output_shapes(channels, size):
 
 @pytest.mark.parametrize("layer, channels, scale", [(1, 32, 1), (2, 128, 2), (3, 256, 4), (4, 256, 8)])
 def test_every_recon_layer_is_that_convolution_before_batchnorm(layer, channels, scale):
-    cfg = ModelConfig(image_size=32, width=0.25, recon_layer=layer)
+    cfg = NetworkConfig(image_size=32, width=0.25, recon_layer=layer)
     dis = Discriminator(cfg)
     x = torch.rand(2, 1, 32, 32)
     captured = {}
@@ -50,7 +51,7 @@ def test_every_recon_layer_is_that_convolution_before_batchnorm(layer, channels,
 @pytest.mark.parametrize("layer", [1, 2, 3, 4])
 def test_several_batches_are_their_concatenation_and_only_the_needed_gradients_are_computed(layer):
     torch.manual_seed(0)
-    dis = Discriminator(ModelConfig(image_size=16, width=0.125, recon_layer=layer)).double()
+    dis = Discriminator(NetworkConfig(image_size=16, width=0.125, recon_layer=layer)).double()
     real = torch.rand(3, 1, 16, 16, dtype=torch.float64)
     fake = torch.rand(5, 1, 16, 16, dtype=torch.float64, requires_grad=True)
     gradients, flops = [], []
@@ -72,7 +73,7 @@ def widths(net):
 
 
 def test_width_scales_every_hidden_layer():
-    half, full = ModelConfig(width=0.5), ModelConfig()
+    half, full = NetworkConfig(width=0.5), NetworkConfig()
     for net in (Encoder, Decoder, Discriminator):
         small, large = widths(net(half)), widths(net(full))
         outputs = {Encoder: 2, Decoder: 1, Discriminator: 1}[net]  # latent heads / image / logit keep their size
@@ -96,4 +97,13 @@ def test_width_scales_every_hidden_layer():
 ])
 def test_bad_configurations_say_what_to_change(kwargs, words):
     with pytest.raises(ConfigError, match=words):
-        ModelConfig(**kwargs)
+        NetworkConfig(**kwargs)
+
+
+def test_sampling_with_batch_statistics_leaves_running_statistics_alone():
+    nets = models.build_networks(NetworkConfig(image_size=16, width=0.125, latent_dim=8))
+    before = {k: v.clone() for k, v in nets.decoder.state_dict().items()}
+    nets.decoder.eval()
+    images = models.decode_with_batch_statistics(nets.decoder, torch.randn(4, 8))
+    assert images.shape == (4, 1, 16, 16) and not nets.decoder.training
+    assert all(torch.equal(before[k], v) for k, v in nets.decoder.state_dict().items())

@@ -13,8 +13,7 @@ import torch
 
 import main
 import utils
-from conftest import ROOT, write_images
-from test_main import TINY, run_cli
+from conftest import ROOT, TINY, run_cli, write_images
 
 
 def start_cli(*args):
@@ -134,13 +133,13 @@ def finished_run(tmp_path_factory):
 
 def test_a_fresh_process_reproduces_the_sample_grid(finished_run, tmp_path):
     code = (
-        "import sys, torch, main, utils\n"
+        "import sys, torch, config, main, models, utils\n"
         "state = utils.load_checkpoint(sys.argv[1])\n"
-        "cfg = main.TrainConfig(**state['config'])\n"
-        "nets = main.build_networks(cfg.model_config(), 'cpu', cfg.model)\n"
-        "main.load_networks(state, nets)\n"
+        "cfg = config.TrainConfig.from_saved(state['config'])\n"
+        "nets = models.build_networks(cfg.network_config(), 'cpu', cfg.model)\n"
+        "utils.load_networks(state, nets)\n"
         "z = torch.randn(main.SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))\n"
-        "utils.save_grid(main.decode_with_batch_statistics(nets.decoder, z), sys.argv[2])\n"
+        "utils.write_grid(models.decode_with_batch_statistics(nets.decoder, z), sys.argv[2])\n"
     )
     subprocess.run([sys.executable, "-c", code, str(finished_run), str(tmp_path / "again.png")], check=True, cwd=ROOT)
     assert (tmp_path / "again.png").read_bytes() == (finished_run / "samples" / "epoch_001.png").read_bytes()
@@ -198,3 +197,15 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsy
     assert (run / "checkpoint.pt").read_bytes() == before
     assert not list(run.glob(".*.tmp"))
     assert json.loads((run / "config.json").read_text())["max_steps"] == 1  # config.json untouched too
+
+
+def test_a_checkpoint_of_the_first_format_still_resumes(tmp_path):
+    """tests/fixtures/checkpoint-format-1.pt was written by the code before settings were declared in
+    config.py (2 steps of a tiny run); it continues under today's code."""
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((ROOT / "tests" / "fixtures" / "checkpoint-format-1.pt").read_bytes())
+    result = run_cli("--resume", str(run), "--max-steps", "4")
+    assert result.returncode == 0, result.stderr
+    assert "resuming at step 2" in result.stdout
+    assert steps_in_metrics(run) == [1, 2, 3, 4] and load(run)["step"] == 4

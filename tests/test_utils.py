@@ -10,7 +10,7 @@ import utils
 
 def test_save_grid_writes_a_readable_png(tmp_path):
     images = torch.linspace(-1, 1, 64 * 16 * 16).view(64, 1, 16, 16)
-    utils.save_grid(images, tmp_path / "grid.png")
+    utils.write_grid(images, tmp_path / "grid.png")
     with Image.open(tmp_path / "grid.png") as png:
         assert png.size == (8 * 18 + 2, 8 * 18 + 2)  # 8x8 tiles of 16 px with 2 px padding
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
@@ -19,7 +19,7 @@ def test_save_grid_writes_a_readable_png(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "checkpoint.pt"
-    utils.save_checkpoint({"step": 1}, target)
+    utils.write_checkpoint({"step": 1}, target)
 
     def broken(tmp):
         tmp.write_bytes(b"half")
@@ -46,7 +46,7 @@ def test_metrics_log_and_plots(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 100 and list(rows[0]) == utils.METRIC_FIELDS and rows[-1]["loss_prior"] == "100"
-    utils.plot_metrics(log, tmp_path / "plots")
+    utils.write_plots(log, tmp_path / "plots")
     for name in ("kl_divergence.png", "recon_loss.png", "gan_loss.png"):
         with Image.open(tmp_path / "plots" / name) as png:
             assert png.size[0] > 300
@@ -56,3 +56,16 @@ def test_smooth_is_a_trailing_mean():
     values = np.arange(100, dtype=float)
     smoothed = utils.smooth(values)  # window 2
     assert smoothed[0] == 0 and smoothed[1] == 0.5 and smoothed[99] == 98.5
+
+
+def test_a_history_without_a_later_column_continues(tmp_path):
+    old = {name: [1.5, 2.5] for name in utils.METRIC_FIELDS if name != "data_wait"}  # a column added later is missing
+    old["step"] = [1, 2]
+    log = utils.MetricsLog(tmp_path / "metrics.csv", old)
+    log.append({**{name: 3.5 for name in utils.METRIC_FIELDS}, "step": 3})
+    log.close()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and [r["loss_prior"] for r in rows] == ["1.5", "2.5", "3.5"]
+    assert [r["data_wait"] for r in rows] == ["nan", "nan", "3.5"]
+    assert np.isnan(log.column("data_wait")[:2]).all() and log.history()["data_wait"][2] == 3.5

@@ -1,6 +1,6 @@
 """The training step routes every gradient as Algorithm 1 says.
 
-The project's step (main.compute_gradients) is compared, parameter by parameter, with
+The project's step (step.compute_gradients) is compared, parameter by parameter, with
 a plain reference written here: the same forward pass, then each network's loss on its
 own and torch.autograd.grad of it. Float64, a tiny model, tolerance 1e-6. Broken
 references (the bugs of public ports) show that the comparison catches each bug.
@@ -10,11 +10,13 @@ import copy
 import pytest
 import torch
 
+import config
 import losses
-import main
-from models import ModelConfig
+import models
+import step
+from models import NetworkConfig
 
-TINY = ModelConfig(image_size=16, channels=1, latent_dim=8, width=0.125, recon_layer=3)
+TINY = NetworkConfig(image_size=16, channels=1, latent_dim=8, width=0.125, recon_layer=3)
 
 
 def reference_gradients(nets, x, cfg, noise, bug=None):
@@ -71,7 +73,7 @@ def reference_gradients(nets, x, cfg, noise, bug=None):
 
 
 def project_gradients(nets, x, cfg, noise):
-    main.compute_gradients(nets, x, cfg, noise)
+    step.compute_gradients(nets, x, cfg, noise)
     out = {}
     for name, module in nets.modules().items():
         got = [p.grad for p in module.parameters()]
@@ -92,7 +94,7 @@ def mismatches(a, b):
 
 def setup(seed=0, model="vaegan"):
     torch.manual_seed(seed)
-    nets = main.build_networks(TINY, "cpu", model)
+    nets = models.build_networks(TINY, "cpu", model)
     for module in nets.modules().values():
         module.double()
     x = torch.rand(6, 1, 16, 16, dtype=torch.float64) * 2 - 1
@@ -120,19 +122,19 @@ GATES = {
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("model", ["vaegan", "vae-disl", "gan"])
 def test_step_gradients_match_reference(model, gan_loss, gate):
-    cfg = main.LossConfig(gamma=0.3, real_weight=0.6, gan_loss=gan_loss, llike_weight=0.5, model=model, **GATES[gate])
+    cfg = config.LossConfig(gamma=0.3, real_weight=0.6, gan_loss=gan_loss, llike_weight=0.5, model=model, **GATES[gate])
     expected, got = compare(cfg)
-    assert set(got) == set(main.MODELS[model])
+    assert set(got) == set(models.MODELS[model])
     assert mismatches(expected, got) == []
     skipped = {"discriminator skipped": "discriminator", "decoder skipped": "decoder"}.get(gate)
     if model == "vae-disl":
         skipped = None  # no gate
-    for name in main.MODELS[model]:
+    for name in models.MODELS[model]:
         assert (got[name] is None) == (name == skipped)
 
 
 def test_vae_gradients_match_reference():
-    expected, got = compare(main.LossConfig(model="vae"))
+    expected, got = compare(config.LossConfig(model="vae"))
     assert set(got) == {"encoder", "decoder"} and mismatches(expected, got) == []
 
 
@@ -146,18 +148,32 @@ BUGS = {
 
 @pytest.mark.parametrize("bug", BUGS)
 def test_comparison_catches_broken_routing(bug):  # vaegan
-    cfg = main.LossConfig(gamma=0.3, real_weight=0.6, llike_weight=0.5, equilibrium=None)
+    cfg = config.LossConfig(gamma=0.3, real_weight=0.6, llike_weight=0.5, equilibrium=None)
     expected, got = compare(cfg, bug)
     assert BUGS[bug] in mismatches(expected, got)
 
 
 def test_train_step_updates_only_gated_networks():
-    cfg = main.LossConfig(**GATES["discriminator skipped"])
+    cfg = config.LossConfig(**GATES["discriminator skipped"])
     nets, x, noise = setup()
     before = {name: [p.detach().clone() for p in m.parameters()] for name, m in nets.modules().items()}
-    optimizers = main.build_optimizers(nets, lr=1e-3, alpha=0.9)
-    stats = main.train_step(nets, optimizers, x, cfg, noise)
+    optimizers = step.build_optimizers(nets, lr=1e-3, alpha=0.9)
+    stats = step.train_step(nets, optimizers, x, cfg, noise)
     assert stats["update_dis"] == 0.0 and stats["update_dec"] == 1.0
     for name, module in nets.modules().items():
         changed = any(not torch.equal(p, q) for p, q in zip(module.parameters(), before[name]))
         assert changed == (name != "discriminator"), name
+
+
+@pytest.mark.parametrize("model", list(models.MODELS))
+def test_each_model_builds_and_updates_only_its_own_networks(model):
+    torch.manual_seed(0)
+    nets = models.build_networks(NetworkConfig(image_size=16, width=0.125, latent_dim=8), "cpu", model)
+    assert tuple(nets.modules()) == models.MODELS[model]
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in nets.modules().items()}
+    stats = step.train_step(nets, step.build_optimizers(nets, 1e-3, 0.9), torch.rand(8, 1, 16, 16) * 2 - 1,
+                            config.LossConfig(model=model, equilibrium=None))
+    for name, module in nets.modules().items():
+        assert any(not torch.equal(p, q) for p, q in zip(module.parameters(), before[name])), name
+    terms = step.LOSS_TERMS[model]
+    assert all(stats[k] == stats[k] for k in terms)  # the model's own terms are numbers, not NaN
