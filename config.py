@@ -133,6 +133,9 @@ class TrainConfig(LossConfig):
                                     resume=True,
                                     check=Check(lambda v: v >= 0, "must not be negative (0: epoch ends only)"))
     overwrite: bool = setting(False, "reuse an --out folder that already holds a run", "output", resume=True)
+    eval_every: int = setting(0, "also measure sample quality every N steps: FID and KID of 2,000 prior samples in "
+                              "the domain classifier's features (mnist, fashion-mnist), into metrics.csv and "
+                              "plots/sample_quality.png (0: never)", "output", resume=True, check=NOT_NEGATIVE)
 
     def network_config(self) -> NetworkConfig:
         return NetworkConfig(self.image_size, self.channels, self.latent_dim, self.width, self.recon_layer)
@@ -202,6 +205,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{flag(f)} {value} must be a finite number.")
         if value is not None and check is not None and not check.ok(value):
             raise UsageError(f"{flag(f)} {value} {check.rule}.")
+    if cfg.eval_every and not data.DATASETS[cfg.dataset].domain_classifier:
+        scored = ", ".join(name for name, spec in data.DATASETS.items() if spec.domain_classifier)
+        raise UsageError(f"--eval-every measures samples with a domain classifier, which {cfg.dataset} does not "
+                         f"have (only {scored}); leave it out and score a checkpoint with `main.py evaluate`.")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -303,11 +303,13 @@ class DatasetSpec:
     load: Callable[..., Splits]
     channels: int | None  # None: chosen with --channels
     description: str
+    domain_classifier: bool = False  # evaluate.py trains a classifier on it to score samples
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(load_mnist, 1, "MNIST digits, 60k/10k, shipped with the tool"),
-    "fashion-mnist": DatasetSpec(load_fashion_mnist, 1, "Fashion-MNIST, 60k/10k, downloaded on first use"),
+    "mnist": DatasetSpec(load_mnist, 1, "MNIST digits, 60k/10k, shipped with the tool", domain_classifier=True),
+    "fashion-mnist": DatasetSpec(load_fashion_mnist, 1, "Fashion-MNIST, 60k/10k, downloaded on first use",
+                                 domain_classifier=True),
     "cifar10": DatasetSpec(load_cifar10, 3, "CIFAR-10, 50k/10k, downloaded on first use"),
     "celeba": DatasetSpec(load_celeba, 3, "CelebA aligned faces, 163k/20k, files under <data root>/celeba"),
     "folder": DatasetSpec(load_folder, None, "every image below --data-root; every 20th is held out"),

@@ -1,29 +1,45 @@
-"""Offline figures for a trained checkpoint (`main.py evaluate`).
+"""Sample quality and reconstruction fidelity of a checkpoint (`main.py evaluate`), measured as the field does.
 
-For MNIST and Fashion-MNIST a small domain classifier (four convolutions on 28x28 images)
-is trained once on the training split and cached under the data root. Its 128-d
-penultimate features give a classifier-feature FID between prior samples and held-out
-images, and its predictions say whether a reconstruction keeps the class; both carry the
-classifier's name ("mnist-cnn") so they are never mistaken for the Inception FID, which
-is computed too when torchvision's Inception-v3 weights are on the machine.
+FID and KID come from torchmetrics (FrechetInceptionDistance, KernelInceptionDistance) and
+precision and recall (k = 3 nearest neighbours) from torch-fidelity, on the features of images
+quantised to uint8 first, as a tool that reads image files sees them. Two feature networks:
+
+  * the domain classifier (MNIST, Fashion-MNIST): four convolutions on 28x28 images, trained
+    once on the training split and cached under <data root>/classifiers; offline, always. Its
+    figures carry its name: fid[mnist-cnn], kid[mnist-cnn], ...; its predictions also say how
+    often a reconstruction keeps its class, recon_accuracy[mnist-cnn].
+  * the Inception network of the FID literature (torch-fidelity's TensorFlow-compatible
+    InceptionV3, with the weights file pytorch-fid and torch-fidelity use): fid[inception],
+    comparable with papers, when --inception-weights names the file or it lies in torch's
+    hub cache.
+
+`SampleQuality` measures the domain figures during training (--eval-every).
 """
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_prc import prc_features_to_metric
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
 
 import config
 import data
 import latent
 import losses
+import models
 import utils
+from config import UsageError
 
 CLASSIFIER_SIZE = 28  # the classifier sees every image at MNIST's own resolution
+INCEPTION_FILES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{INCEPTION_FILES[0]}"
 
 
 class DigitClassifier(nn.Module):
@@ -65,30 +81,14 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3
 
 @torch.no_grad()
 def classify(model: DigitClassifier, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float images in [-1, 1] of any size -> (predicted labels, features)."""
+    """uint8 images of any size, or float ones in [-1, 1] -> (predicted labels, features)."""
     preds, feats = [], []
     for chunk in images.split(batch):
-        logits, h = model(data.resize(chunk.float().cpu(), CLASSIFIER_SIZE))
+        chunk = data.uint8_to_model(chunk) if chunk.dtype == torch.uint8 else chunk.float()
+        logits, h = model(data.resize(chunk.cpu(), CLASSIFIER_SIZE))
         preds.append(logits.argmax(1))
         feats.append(h)
     return torch.cat(preds), torch.cat(feats)
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two feature sets (float64)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    # Tr((S_a S_b)^(1/2)) = sum of sqrt of eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric PSD)
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    middle = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * middle)
-
-
-CLASSIFIER_DATASETS = ("mnist", "fashion-mnist")  # datasets with a domain classifier
-INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision's ImageNet Inception-v3 weights
-INCEPTION_URL = f"https://download.pytorch.org/models/{INCEPTION_FILE}"
 
 
 def cached_classifier(dataset: str, root: Path) -> tuple[DigitClassifier, float]:
@@ -106,73 +106,169 @@ def cached_classifier(dataset: str, root: Path) -> tuple[DigitClassifier, float]
             utils.write_atomic(path, lambda tmp: torch.save(model.state_dict(), tmp))
         except OSError as error:
             print(f"note: could not cache the classifier in {path} ({error.strerror}); it is retrained next time")
-    predicted, _ = classify(model, data.uint8_to_model(splits.heldout.images))
+    predicted, _ = classify(model, splits.heldout.images)
     return model, float((predicted == splits.heldout.labels).float().mean())
 
 
-def inception_features() -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
-    """A function images -> 2048-d Inception-v3 pool features, if the weights are on this machine."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not path.is_file():
-        return None, (f"Inception FID skipped: the Inception-v3 weights are not on this machine and are not "
-                      f"downloaded here. Put {INCEPTION_URL} at {path} to get it.")
-    import torchvision
-    network = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    network.load_state_dict(torch.load(path, weights_only=True))
-    network.fc = nn.Identity()
-    network.eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+class GivenFeatures(nn.Module):
+    """The "feature network" torchmetrics runs on features that are already computed: the identity."""
 
-    @torch.no_grad()
-    def features(images: torch.Tensor) -> torch.Tensor:
-        out = []
-        for chunk in images.split(50):
-            x = chunk.float().cpu().add(1).div(2).expand(-1, 3, -1, -1)
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(network((x - mean) / std))
-        return torch.cat(out)
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
 
-    return features, f"Inception FID uses torchvision's ImageNet Inception-v3 ({path})"
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def distances(real: torch.Tensor, fake: torch.Tensor, precision_recall: bool = True) -> dict[str, float]:
+    """FID, KID (mean and spread over subsets) and, if asked, precision and recall between two feature sets."""
+    fid = FrechetInceptionDistance(feature=GivenFeatures(real.shape[1]))
+    with warnings.catch_warnings():  # "KID will save all extracted features in buffer": we know
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=GivenFeatures(real.shape[1]), subsets=50,
+                                      subset_size=min(1000, len(real), len(fake)))
+    for metric in (fid, kid):
+        metric.update(real.double(), real=True)
+        metric.update(fake.double(), real=False)
+    kid_mean, kid_std = kid.compute()
+    figures = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    if precision_recall:
+        prc = prc_features_to_metric(fake.float(), real.float(), prc_neighborhood=3, prc_batch_size=10000,
+                                     save_cpu_ram=True, verbose=False)
+        figures.update(precision=prc["precision"], recall=prc["recall"])
+    return figures
+
+
+def inception_weights(path: str | None) -> Path | None:
+    """--inception-weights, else a copy in torch's hub cache, else None. UsageError for a path that is not a file."""
+    if path is not None:
+        given = Path(path).expanduser()
+        if not given.is_file():
+            raise UsageError(f"--inception-weights {given} is not a file; give the path of "
+                             f"{INCEPTION_FILES[0]} (from {INCEPTION_URL}).")
+        return given
+    cached = [Path(torch.hub.get_dir()) / "checkpoints" / name for name in INCEPTION_FILES]
+    return next((p for p in cached if p.is_file()), None)
+
+
+def inception_network(path: Path) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's TF-compatible InceptionV3 giving the 2048-d pool features, with the weights at `path`."""
+    try:
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    except Exception as error:  # not a state dict, or one of another network: both unusable here
+        raise UsageError(f"{path} is not the FID Inception weights file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]}); use {INCEPTION_FILES[0]} from {INCEPTION_URL}.") from None
 
 
 @torch.no_grad()
-def evaluate_checkpoint(checkpoint: str | Path, num: int, data_root: str | None, device: torch.device,
-                        seed: int = 0) -> dict:
-    """Every figure the checkpoint's model and dataset allow, with how many images each used."""
+def inception_features(network: FeatureExtractorInceptionV3, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) images -> (N, 2048); grey images are given to it as three equal channels."""
+    return torch.cat([network(chunk.expand(-1, 3, -1, -1).contiguous())[0] for chunk in images.cpu().split(50)])
+
+
+@torch.no_grad()
+def prior_samples(decoder: nn.Module, count: int, latent_dim: int, seed: int, batchnorm: str,
+                  device: torch.device) -> torch.Tensor:
+    """`count` prior samples as uint8 images, with BatchNorm's batch statistics (`batch`, as the
+    training grids) or its running ones (`running`)."""
+    z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    if batchnorm == "batch":
+        images = [models.decode_with_batch_statistics(decoder, z)]
+    else:
+        mode = decoder.training
+        decoder.eval()
+        images = [decoder(chunk) for chunk in z.split(500)]
+        decoder.train(mode)
+    return data.model_to_uint8(torch.cat(images)).cpu()
+
+
+class SampleQuality:
+    """The domain figures of prior samples against `count` held-out images, for --eval-every."""
+
+    def __init__(self, dataset: str, root: Path, heldout: data.Split, count: int, image_size: int):
+        self.name = f"{dataset}-cnn"
+        self.classifier, _ = cached_classifier(dataset, root)
+        self.count = min(count, len(heldout))
+        real = data.heldout_images(heldout, self.count, image_size)
+        _, self.real = classify(self.classifier, data.model_to_uint8(real))
+
+    def columns(self) -> list[str]:
+        return [f"fid[{self.name}]", f"kid[{self.name}]"]
+
+    def measure(self, decoder: nn.Module, latent_dim: int, device: torch.device) -> dict[str, float]:
+        """FID and KID of `count` prior samples (fixed codes, batch statistics), in the networks' current state."""
+        _, fake = classify(self.classifier, prior_samples(decoder, self.count, latent_dim, 0, "batch", device))
+        with torch.random.fork_rng(devices=[]):  # KID draws its subsets: training's random numbers stay as they were
+            figures = distances(self.real, fake, precision_recall=False)
+        return dict(zip(self.columns(), (figures["fid"], figures["kid"])))
+
+
+@torch.no_grad()
+def reconstruction_figures(nets: models.Networks, images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """Pixel MSE and KL of reconstructions Dec(mean of q(z|x)) (running statistics), and the reconstructions."""
+    posterior = [nets.encoder(chunk) for chunk in images.split(256)]
+    mean, logvar = (torch.cat(parts) for parts in zip(*posterior))
+    recon = torch.cat([nets.decoder(chunk) for chunk in mean.split(256)])
+    return {"pixel_mse": float((recon - images).pow(2).mean()), "kl": float(losses.kl_divergence(mean, logvar))}, recon
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: Path, num: int, data_root: str | None, device: torch.device, seed: int = 0,
+                        inception: tuple[Path, FeatureExtractorInceptionV3] | None = None,
+                        batchnorm: str = "batch") -> dict:
+    """Every figure the checkpoint's model and dataset allow, with what each was measured on."""
     cfg, nets, step = utils.load_run(checkpoint, device)
     root = Path(data_root or cfg.data_root).expanduser()
-    heldout, labels = latent.heldout_batch(latent.heldout_split(cfg, str(root)), num, cfg, device)
-    z = torch.randn(len(heldout), cfg.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    samples = latent.decode(nets, z)
-    results: dict = {"checkpoint": str(utils.checkpoint_path(checkpoint)), "model": cfg.model,
-                     "dataset": cfg.dataset, "step": step, "images": len(heldout), "notes": []}
+    split = latent.heldout_split(cfg, str(root))
+    notes = []
+    if num > len(split):
+        notes.append(f"--num {num} is more than the held-out split's {len(split):,} images; used {len(split):,}")
+        num = len(split)
+    heldout, labels = latent.heldout_batch(split, num, cfg, device)
+    real, fake = data.model_to_uint8(heldout).cpu(), prior_samples(nets.decoder, num, cfg.latent_dim, seed,
+                                                                     batchnorm, device)
+    results: dict = {"checkpoint": str(checkpoint), "model": cfg.model, "dataset": cfg.dataset, "step": step,
+                     "samples": num, "reference": f"the first {num:,} images of the held-out split",
+                     "sampling_batchnorm": {"batch": f"batch statistics, {models.SAMPLE_BATCH} samples a batch",
+                                            "running": "running statistics"}[batchnorm],
+                     "images": "quantised to uint8 before features are taken", "feature_networks": {}}
     recon = None
     if nets.encoder is not None:
-        posterior = [nets.encoder(chunk) for chunk in heldout.split(256)]
-        mean, logvar = (torch.cat(parts) for parts in zip(*posterior))
-        recon = torch.cat([nets.decoder(chunk) for chunk in mean.split(256)])
-        results["pixel_mse"] = float((recon - heldout).pow(2).mean())
-        results["kl"] = float(losses.kl_divergence(mean, logvar))
-    if cfg.dataset in CLASSIFIER_DATASETS:
-        classifier, accuracy = cached_classifier(cfg.dataset, root)
-        name = f"{cfg.dataset}-cnn"
-        _, real_feats = classify(classifier, heldout)
-        _, sample_feats = classify(classifier, samples)
-        results[f"classifier_test_accuracy[{name}]"] = accuracy
-        results[f"sample_fid[{name}]"] = frechet_distance(sample_feats, real_feats)
-        if recon is not None:
-            predicted, _ = classify(classifier, recon)
-            results[f"recon_accuracy[{name}]"] = float((predicted == labels.to(predicted.device)).float().mean())
-    features, note = inception_features()
-    results["notes"].append(note)
-    if features is not None:
-        results["sample_fid[inception]"] = frechet_distance(features(samples), features(heldout))
+        figures, recon = reconstruction_figures(nets, heldout)
+        results.update(figures)
+    if data.DATASETS[cfg.dataset].domain_classifier:
+        results.update(domain_figures(cfg.dataset, root, real, fake, recon, labels, results["feature_networks"]))
+    if inception is None:
+        notes.append(f"fid[inception] skipped: no Inception weights; put {INCEPTION_FILES[0]} (from {INCEPTION_URL}) "
+                     f"in {Path(torch.hub.get_dir()) / 'checkpoints'} or pass --inception-weights PATH")
+    else:
+        path, network = inception
+        figures = distances(inception_features(network, real), inception_features(network, fake))
+        results.update({f"{name}[inception]": value for name, value in figures.items()})
+        results["feature_networks"]["inception"] = f"torch-fidelity's TF-compatible InceptionV3, pool features, {path}"
+    results["notes"] = notes
     return results
 
 
+def domain_figures(dataset: str, root: Path, real: torch.Tensor, fake: torch.Tensor, recon: torch.Tensor | None,
+                   labels: torch.Tensor | None, networks: dict) -> dict[str, float]:
+    """The domain classifier's figures: sample distances and how often a reconstruction keeps its class."""
+    classifier, accuracy = cached_classifier(dataset, root)
+    name = f"{dataset}-cnn"
+    networks[name] = f"the {dataset} classifier's 128 penultimate features (test accuracy {accuracy:.2%})"
+    (_, real_features), (_, fake_features) = classify(classifier, real), classify(classifier, fake)
+    figures = {f"{key}[{name}]": value for key, value in distances(real_features, fake_features).items()}
+    figures[f"classifier_test_accuracy[{name}]"] = accuracy
+    if recon is not None:
+        predicted, _ = classify(classifier, data.model_to_uint8(recon))
+        figures[f"recon_accuracy[{name}]"] = float((predicted == labels.to(predicted.device)).float().mean())
+    return figures
+
+
 def format_table(results: dict) -> str:
-    rows = [(k, v) for k, v in results.items() if k != "notes"]
+    rows = [(k, v) for k, v in results.items() if k not in ("notes", "feature_networks")]
+    rows += [(f"feature network {k}", v) for k, v in results["feature_networks"].items()]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines + [f"note: {n}" for n in results["notes"]])
@@ -180,8 +276,13 @@ def format_table(results: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_checkpoint_arguments(parser)
-    parser.add_argument("--num", type=config.count(2), default=2000,
-                        help=config.with_default("held-out images and prior samples to use", 2000))
+    parser.add_argument("--num", type=config.count(2), default=10000,
+                        help=config.with_default("prior samples, and held-out images they are compared with", 10000))
+    parser.add_argument("--inception-weights", metavar="FILE", help=config.with_default(
+        f"{INCEPTION_FILES[0]}, for fid[inception]", "torch's hub cache, if there"))
+    parser.add_argument("--sample-batchnorm", choices=("batch", "running"), default="batch", help=config.with_default(
+        "BatchNorm statistics the prior samples are decoded with: each batch's own (as the grids) or the running ones",
+        "batch"))
 
 
 def evaluate_command(args: argparse.Namespace) -> list[Path]:
@@ -189,7 +290,11 @@ def evaluate_command(args: argparse.Namespace) -> list[Path]:
     device = config.resolve_device(args.device)
     checkpoint = utils.checkpoint_path(args.checkpoint)
     out = config.output_folder(args.out, checkpoint, "evaluate", ("evaluation.json",))
-    results = evaluate_checkpoint(checkpoint, args.num, args.data_root, device, args.seed)
+    weights = inception_weights(args.inception_weights)
+    inception = (weights, inception_network(weights)) if weights is not None else None  # a bad file stops it here
+    utils.load_checkpoint(checkpoint)  # so does a bad checkpoint, before the classifier or the features
+    results = evaluate_checkpoint(checkpoint, args.num, args.data_root, device, args.seed, inception,
+                                  args.sample_batchnorm)
     print(format_table(results))
     utils.write_json(results, out / "evaluation.json")
     return [out / "evaluation.json"]

@@ -28,10 +28,9 @@ def encode(nets: Networks, images: torch.Tensor, batch: int = 256) -> torch.Tens
     return torch.cat([nets.encoder(chunk)[0] for chunk in images.split(batch)])
 
 
-@torch.no_grad()
-def decode(nets: Networks, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def decode(nets: Networks, z: torch.Tensor) -> torch.Tensor:
     """Images from codes, BatchNorm with batch statistics (as the training grids are drawn)."""
-    return torch.cat([models.decode_with_batch_statistics(nets.decoder, chunk) for chunk in z.split(batch)])
+    return models.decode_with_batch_statistics(nets.decoder, z)
 
 
 def heldout_split(cfg: TrainConfig, data_root: str | None) -> data.Split:

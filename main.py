@@ -39,6 +39,7 @@ from distributed import SINGLE, Replicas
 SAMPLE_GRID = 64          # prior samples in each sample grid (8x8)
 RECONSTRUCTION_PAIRS = 32  # held-out images (and their reconstructions) in each reconstruction grid
 TIMING_STEPS = 10          # report the measured step time after this many steps
+EVAL_SAMPLES = 2000        # prior samples (and held-out images) behind each --eval-every measurement
 T = TypeVar("T")
 
 
@@ -210,8 +211,12 @@ class Run:
             self.restore(resume)
         if replicas.rank > 0:  # its own noise (eps, z_p) in every other process
             seed_everything(cfg.seed + 1_000_003 * replicas.rank + self.step)
+        self.quality = (evaluate.SampleQuality(cfg.dataset, Path(cfg.data_root).expanduser(), self.splits.heldout,
+                                               EVAL_SAMPLES, cfg.image_size)
+                        if cfg.eval_every and replicas.is_main else None)
         if replicas.is_main:
-            self.log = utils.MetricsLog(self.out / "metrics.csv", resume["history"] if resume else None)
+            self.log = utils.MetricsLog(self.out / "metrics.csv", resume["history"] if resume else None,
+                                        self.quality.columns() if self.quality else [])
         if self.epoch_batches >= len(self.batches):  # the checkpoint was written at an epoch's end
             self.epoch, self.epoch_batches = self.epoch + 1, 0
         self.total_steps = min(cfg.epochs * len(self.batches), cfg.max_steps or math.inf)
@@ -302,6 +307,8 @@ class Run:
                 self.start_epoch()
                 for x, wait in self.epoch_batches_left():          # fetch
                     row = self.train_one_step(x, wait)              # step
+                    if self.quality and self.step % self.cfg.eval_every == 0:
+                        row |= self.quality.measure(self.nets.decoder, self.cfg.latent_dim, self.device)
                     self.record(row)                                # log
                     if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
                         self.write_grids(f"step_{self.step:07d}")   # write

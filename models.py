@@ -210,9 +210,13 @@ def batch_norms(module: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
     return (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
+SAMPLE_BATCH = 64  # prior samples normalised together when decoding with batch statistics, as in a grid
+
+
 @torch.no_grad()
 def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Decode with BatchNorm normalising by this batch's statistics, leaving the running ones untouched.
+    """Decode in batches of SAMPLE_BATCH codes, BatchNorm normalising each by its own statistics and
+    leaving the running ones untouched.
 
     This is how the sample grids are drawn: prior samples look better so than with the running
     averages (docs/reproduction.md compares the two).
@@ -223,7 +227,7 @@ def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor) -> torch.T
     for m in norms:
         m.track_running_stats = False
     try:
-        return decoder(z)
+        return torch.cat([decoder(chunk) for chunk in z.split(SAMPLE_BATCH)])
     finally:
         for m in norms:
             m.track_running_stats = True

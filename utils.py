@@ -196,27 +196,30 @@ class MetricsLog:
     lacks (a checkpoint written before the column existed) is NaN in its rows.
     """
 
-    def __init__(self, path: Path, history: dict[str, list] | None = None):
+    def __init__(self, path: Path, history: dict[str, list] | None = None, extra: list[str] = ()):
+        """`extra`: columns measured at some steps only (--eval-every's); NaN in the other rows."""
         self.path = Path(path)
         columns = history or {}
+        self.fields = METRIC_FIELDS + sorted(set(extra) | (columns.keys() - set(METRIC_FIELDS)))
         steps = len(columns.get("step", []))
         self.rows: list[dict[str, float]] = [
-            {name: columns[name][i] if name in columns else math.nan for name in METRIC_FIELDS} for i in range(steps)]
+            {name: columns[name][i] if name in columns else math.nan for name in self.fields} for i in range(steps)]
 
         def write(tmp: Path) -> None:
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+                writer = csv.DictWriter(f, fieldnames=self.fields)
                 writer.writeheader()
                 writer.writerows(format_row(row) for row in self.rows)
 
         write_atomic(self.path, write)
         self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields)
 
     def history(self) -> dict[str, list]:
-        return {name: [row[name] for row in self.rows] for name in METRIC_FIELDS}
+        return {name: [row.get(name, math.nan) for row in self.rows] for name in self.fields}
 
     def append(self, row: dict[str, float]) -> None:
+        row = {**dict.fromkeys(self.fields, math.nan), **row}
         self.rows.append(row)
         self.writer.writerow(format_row(row))
 
@@ -228,7 +231,7 @@ class MetricsLog:
         self.file.close()
 
     def column(self, name: str) -> np.ndarray:
-        return np.array([row[name] for row in self.rows], dtype=float)
+        return np.array([row.get(name, math.nan) for row in self.rows], dtype=float)
 
 
 def format_row(row: dict[str, float]) -> dict[str, str]:
@@ -273,6 +276,23 @@ def write_plots(log: MetricsLog, plots_dir: Path) -> None:
         write_vae_plots(log, steps, plots_dir)
     if has["loss_gan"]:
         write_gan_plots(log, steps, plots_dir)
+    quality = [name for name in log.fields if name.startswith("fid[") and np.isfinite(log.column(name)).any()]
+    if quality:
+        write_sample_quality_plot(log, quality[0], plots_dir / "sample_quality.png")
+
+
+def write_sample_quality_plot(log: MetricsLog, column: str, path: Path) -> None:
+    """`column` (a sample FID) against the step and against the seconds spent training."""
+    seconds = np.cumsum(np.nan_to_num(log.column("sec_per_step")) + np.nan_to_num(log.column("data_wait")))
+    values = log.column(column)
+    measured = np.isfinite(values)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for axis, x, label in ((axes[0], log.column("step"), "step"), (axes[1], seconds, "seconds of training steps")):
+        axis.plot(x[measured], values[measured], marker="o", markersize=3)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{column} of prior samples (lower is better)")
+    write_figure(figure, path)
 
 
 def write_vae_plots(log: MetricsLog, steps: np.ndarray, plots_dir: Path) -> None:

@@ -13,10 +13,10 @@ sys.path.insert(0, str(ROOT))
 TINY = ["--image-size", "16", "--width", "0.125", "--latent-dim", "8", "--batch-size", "16"]  # a run of seconds
 
 
-def run_cli(*args, cwd=None, timeout=600):
-    """python3 main.py ARGS, as a user types it."""
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """python3 main.py ARGS, as a user types it (`env`: variables to set on top of this process's)."""
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="session")

@@ -1,25 +1,90 @@
 import json
 
+import pytest
 import torch
 
 import evaluate
 from conftest import run_cli
 
 
-def test_frechet_distance_is_zero_for_identical_sets_and_large_for_different_ones():
+def test_identical_feature_sets_are_at_distance_zero():
     torch.manual_seed(0)
-    a = torch.randn(500, 16)
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-6
-    shifted = evaluate.frechet_distance(a, a + 3.0)  # mean shift of 3 in 16 dims: 16 * 9 = 144
-    assert abs(shifted - 144.0) < 1e-3
-    scaled = evaluate.frechet_distance(a, 2 * a)  # variances x4: each dim adds (1 - 2)^2 * var
-    assert 10 < scaled < 25
+    a = torch.randn(1200, 16)
+    figures, shifted = evaluate.distances(a, a), evaluate.distances(a, a + 0.5)
+    assert abs(figures["fid"]) < 1e-6 and shifted["fid"] > 3
+    # KID compares random subsets, which share most samples here: near zero, against about 1 for the shift
+    assert abs(figures["kid"]) < 0.02 * shifted["kid"]
+    assert figures["precision"] == figures["recall"] == 1.0
+
+
+def test_shifted_gaussians_give_the_closed_form_fid():
+    """Two Gaussians with the same covariance: FID = squared distance of the means (here 16 x 0.5^2 = 4)."""
+    torch.manual_seed(0)
+    a = torch.randn(5000, 16, dtype=torch.float64)
+    b = a + 0.5  # the same samples shifted: equal covariances exactly
+    figures = evaluate.distances(a, b)
+    assert figures["fid"] == pytest.approx(4.0, rel=1e-6)
+    assert figures["kid"] > 10 * max(figures["kid_std"], 1e-6)  # and KID sees the shift clearly
+    far = evaluate.distances(a, a + 5.0)
+    assert far["precision"] < 0.05 and far["recall"] < 0.05  # no sample near the other set
+
+
+def test_precision_and_recall_tell_a_collapsed_generator_from_a_good_one():
+    torch.manual_seed(0)
+    real = torch.randn(2000, 8)
+    collapsed = torch.randn(2000, 8) * 0.05  # every sample near the centre: precise, little recall
+    figures = evaluate.distances(real, collapsed)
+    assert figures["precision"] > 0.9 and figures["recall"] < 0.2
 
 
 def test_classifier_shapes_and_any_input_size():
     model = evaluate.DigitClassifier().eval()
     predicted, features = evaluate.classify(model, torch.rand(7, 1, 32, 32) * 2 - 1)
     assert predicted.shape == (7,) and features.shape == (7, 128)
+    predicted, features = evaluate.classify(model, torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8))
+    assert features.shape == (3, 128)
+
+
+def write_random_inception_weights(path, monkeypatch):
+    """A state dict of the FID Inception's architecture with random weights, made without downloading."""
+    from torch_fidelity import feature_extractor_inceptionv3 as module
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
+        torch.manual_seed(0)
+        network = module.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(network.state_dict(), path)
+
+
+def test_inception_weights_file_is_loaded_and_gives_fid_inception(tiny_runs, tmp_path, writable_mnist_root, monkeypatch):
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    write_random_inception_weights(weights, monkeypatch)
+    result = run_cli("evaluate", "--checkpoint", str(tiny_runs["vaegan"]), "--num", "40", "--data-root",
+                     str(writable_mnist_root), "--inception-weights", str(weights), "--out", str(tmp_path / "eval"))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["fid[inception]"] > 0 and "kid[inception]" in report and "precision[inception]" in report
+    assert str(weights) in report["feature_networks"]["inception"]
+    assert not any("inception" in note for note in report["notes"])
+
+
+def test_without_inception_weights_one_line_says_where_to_put_them(tiny_runs, tmp_path, writable_mnist_root):
+    result = run_cli("evaluate", "--checkpoint", str(tiny_runs["vaegan"]), "--num", "40", "--data-root",
+                     str(writable_mnist_root), "--out", str(tmp_path / "eval"), env={"TORCH_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "fid[inception] skipped" in line]
+    assert len(lines) == 1 and "pt_inception-2015-12-05-6726825d.pth" in lines[0] and str(tmp_path) in lines[0]
+
+
+@pytest.mark.parametrize("case, words", [("missing", "is not a file"), ("not weights", "is not the FID Inception")])
+def test_a_bad_inception_weights_path_is_refused_before_any_work(tiny_runs, tmp_path, case, words):
+    weights = tmp_path / "weights.pth"
+    if case == "not weights":
+        weights.write_bytes(b"not a state dict")
+    result = run_cli("evaluate", "--checkpoint", str(tiny_runs["vaegan"]), "--inception-weights", str(weights),
+                     "--out", str(tmp_path / "eval"))
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "eval").exists()
 
 
 def test_evaluate_prints_a_table_and_writes_json(tiny_runs, tmp_path, writable_mnist_root):
@@ -27,10 +92,13 @@ def test_evaluate_prints_a_table_and_writes_json(tiny_runs, tmp_path, writable_m
                      str(writable_mnist_root), "--out", str(tmp_path / "eval"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
-    assert report["images"] == 200 and report["model"] == "vaegan" and report["pixel_mse"] > 0 and report["kl"] >= 0
+    assert report["samples"] == 200 and report["model"] == "vaegan" and report["pixel_mse"] > 0 and report["kl"] >= 0
     assert report["classifier_test_accuracy[mnist-cnn]"] >= 0.99
-    assert report["sample_fid[mnist-cnn]"] > 0 and 0 <= report["recon_accuracy[mnist-cnn]"] <= 1
-    assert "sample_fid[mnist-cnn]" in result.stdout and any("Inception" in n for n in report["notes"])
+    assert report["fid[mnist-cnn]"] > 0 and report["kid[mnist-cnn]"] > 0 and 0 <= report["recon_accuracy[mnist-cnn]"] <= 1
+    assert 0 <= report["precision[mnist-cnn]"] <= 1 and 0 <= report["recall[mnist-cnn]"] <= 1
+    assert "mnist-cnn" in report["feature_networks"] and report["sampling_batchnorm"].startswith("batch statistics")
+    assert "200" in report["reference"] and "uint8" in report["images"]
+    assert "fid[mnist-cnn]" in result.stdout
 
 
 def test_classifier_fid_is_near_zero_for_identical_sets_and_large_for_different_ones(writable_mnist_root):
@@ -40,8 +108,8 @@ def test_classifier_fid_is_near_zero_for_identical_sets_and_large_for_different_
     zeros = evaluate.data.uint8_to_model(splits.heldout.images[splits.heldout.labels == 0][:300])
     _, a = evaluate.classify(classifier, ones)
     _, b = evaluate.classify(classifier, zeros)
-    assert abs(evaluate.frechet_distance(a, a)) < 1e-3
-    assert evaluate.frechet_distance(a, b) > 100 * max(1.0, abs(evaluate.frechet_distance(a[:150], a[150:])))
+    assert abs(evaluate.distances(a, a)["fid"]) < 1e-3
+    assert evaluate.distances(a, b)["fid"] > 100 * max(1.0, evaluate.distances(a[:150], a[150:])["fid"])
 
 
 def test_evaluate_rejects_a_count_too_small_for_fid(tiny_runs):

@@ -290,3 +290,27 @@ def test_the_readme_option_tables_list_every_option_with_its_default():
     expected = {(name, option): default for name in main.COMMANDS if name != "train"
                 for option, default in parser_options(name).items()}
     assert commands == expected
+
+
+def test_eval_every_measures_sample_quality_into_metrics_and_a_plot(tmp_path, writable_mnist_root):
+    """A tiny real-MNIST run: FID and KID at every 100th step only, and the FID falls as it learns."""
+    out = tmp_path / "run"
+    result = run_cli("--data-root", str(writable_mnist_root), "--out", str(out), "--max-steps", "400",
+                     "--eval-every", "100", "--seed", "1", *TINY)
+    assert result.returncode == 0, result.stderr
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    measured = {int(r["step"]): float(r["fid[mnist-cnn]"]) for r in rows if r["fid[mnist-cnn]"] != "nan"}
+    assert sorted(measured) == [100, 200, 300, 400]
+    assert all(float(r["kid[mnist-cnn]"]) > 0 for r in rows if int(r["step"]) in measured)
+    assert measured[400] < measured[100]
+    with Image.open(out / "plots" / "sample_quality.png") as image:
+        image.verify()
+
+
+def test_eval_every_needs_a_dataset_with_a_domain_classifier(tmp_path):
+    write_images(tmp_path / "images", 40, size=(20, 20))
+    result = run_cli("--dataset", "folder", "--data-root", str(tmp_path / "images"), "--eval-every", "10",
+                     "--out", str(tmp_path / "run"), *TINY)
+    assert result.returncode == 2 and "domain classifier" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
