@@ -24,6 +24,7 @@ import data
 import distributed
 import kernels
 import losses
+import models
 from models import MODELS, NetworkConfig
 
 
@@ -312,6 +313,12 @@ def count(low: int) -> Callable[[str], int]:
     return parse
 
 
+def check_data_root(path: str | None) -> None:
+    """UsageError for a --data-root that names a file (a missing one is the dataset's to report)."""
+    if path is not None and Path(path).expanduser().is_file():
+        raise UsageError(f"--data-root {path} is a file; give the folder that holds the dataset.")
+
+
 def output_folder(out: str | None, checkpoint: Path, command: str, writes: tuple[str, ...]) -> Path:
     """Where a checkpoint command writes: --out, else <run folder>/<command>. UsageError for a path that
     is a file, or a folder holding anything but this command's own earlier output (`writes`: name
@@ -354,3 +361,52 @@ def check_run_folder(cfg: TrainConfig, resuming: bool) -> None:
         raise UsageError(f"--out {out} holds other files ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
                          "a run writes into a folder of its own: give a new or empty folder, or add --overwrite to "
                          "write beside them.")
+
+
+# What a training process holds, in float32 numbers: each parameter 4 times (weights, gradients,
+# RMSprop's average, and room for the optimizer's temporaries); the layers' outputs of a step
+# about 1.3 times (those kept for the backward passes and their gradients: bench.py measured the
+# allocator's peak at 1.22-1.27 times the outputs in six configurations); and the runtime itself.
+PARAMETER_COPIES, ACTIVATION_FACTOR, RUNTIME_BYTES = 4, 1.3, 512 * 2**20
+
+
+def memory_needed(cfg: TrainConfig) -> tuple[int, int, int]:
+    """Estimated bytes of one training process: (total, networks and optimizer state, a step's activations)."""
+    network_cfg = cfg.network_config()
+    nets = models.shapes_only(network_cfg, cfg.model)
+    parameters = sum(p.numel() for m in nets.modules().values() for p in m.parameters()) * 4 * PARAMETER_COPIES
+    activations = int(models.activation_elements(network_cfg, cfg.model) * cfg.batch_size * 4 * ACTIVATION_FACTOR)
+    return parameters + activations + RUNTIME_BYTES, parameters, activations
+
+
+def memory_available(device: torch.device) -> int | None:
+    """Bytes free for a new process on `device` (CUDA: free GPU memory; CPU: Linux's MemAvailable), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_memory(cfg: TrainConfig, device: torch.device, processes: int = 1) -> None:
+    """UsageError, before any work, for a configuration that cannot fit in the device's memory
+    (`processes`: how many training processes share it)."""
+    available = memory_available(device)
+    if available is None:
+        return
+    total, parameters, activations = (processes * part for part in memory_needed(cfg))
+    if total <= available:
+        return
+    gib = 2**30
+    shared = f" for {processes} processes" if processes > 1 else ""
+    raise UsageError(
+        f"this configuration needs about {total / gib:.1f} GiB{shared} ({parameters / gib:.1f} GiB for the networks and "
+        f"their optimizer state, {activations / gib:.1f} GiB for the activations of a batch of {cfg.batch_size} "
+        f"images at {cfg.image_size}x{cfg.image_size}, width {cfg.width:g}), but {device} has {available / gib:.1f} "
+        "GiB free. Lower --batch-size (the activations grow with it), --image-size or --width (both grow them "
+        "with their square).")

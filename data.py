@@ -159,14 +159,16 @@ def expected_idx_message(dataset: str, folder: Path) -> str:
     return f"{dataset} needs the files {names} (each may end in .gz) in {folder}."
 
 
-def load_mnist(root: Path, **_: object) -> Splits:
-    files = find_idx_files(root / "MNIST" / "raw") or find_idx_files(SHIPPED_MNIST)
+def load_mnist(root: Path, say: Callable[[str], None], **_: object) -> Splits:
+    files = find_idx_files(root / "MNIST" / "raw")
     if files is None:
-        raise DataError(
-            f"MNIST was found neither in {root / 'MNIST' / 'raw'} nor in the copy shipped with this tool "
-            f"({SHIPPED_MNIST}). {expected_idx_message('MNIST', root / 'MNIST' / 'raw')} "
-            "Restore the shipped copy with `git checkout assets/MNIST`, or put the files there."
-        )
+        files = find_idx_files(SHIPPED_MNIST)
+        if files is None:
+            raise DataError(
+                f"MNIST was found neither in {root / 'MNIST' / 'raw'} nor in the copy shipped with this tool "
+                f"({SHIPPED_MNIST}). {expected_idx_message('MNIST', root / 'MNIST' / 'raw')} "
+                "Restore the shipped copy with `git checkout assets/MNIST`, or put the files there.")
+        say(f"note: no MNIST in {root / 'MNIST' / 'raw'}; using the copy shipped with the tool ({SHIPPED_MNIST})")
     return load_idx_splits(files)
 
 
@@ -303,22 +305,29 @@ class DatasetSpec:
     load: Callable[..., Splits]
     channels: int | None  # None: chosen with --channels
     description: str
+    classes: int | None = None  # class labels 0..classes-1, if it has them
     domain_classifier: bool = False  # evaluate.py trains a classifier on it to score samples
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(load_mnist, 1, "MNIST digits, 60k/10k, shipped with the tool", domain_classifier=True),
-    "fashion-mnist": DatasetSpec(load_fashion_mnist, 1, "Fashion-MNIST, 60k/10k, downloaded on first use",
+    "mnist": DatasetSpec(load_mnist, 1, "MNIST digits, 60k/10k, shipped with the tool", 10, domain_classifier=True),
+    "fashion-mnist": DatasetSpec(load_fashion_mnist, 1, "Fashion-MNIST, 60k/10k, downloaded on first use", 10,
                                  domain_classifier=True),
-    "cifar10": DatasetSpec(load_cifar10, 3, "CIFAR-10, 50k/10k, downloaded on first use"),
+    "cifar10": DatasetSpec(load_cifar10, 3, "CIFAR-10, 50k/10k, downloaded on first use", 10),
     "celeba": DatasetSpec(load_celeba, 3, "CelebA aligned faces, 163k/20k, files under <data root>/celeba"),
     "folder": DatasetSpec(load_folder, None, "every image below --data-root; every 20th is held out"),
 }
 
 
-def load_dataset(name: str, root: str | Path, image_size: int, channels: int = 1) -> Splits:
-    """Load a dataset from the table; DataError if its files are missing or broken."""
-    return DATASETS[name].load(root=Path(root).expanduser(), image_size=image_size, channels=channels)
+def load_dataset(name: str, root: str | Path, image_size: int, channels: int = 1,
+                 say: Callable[[str], None] = print) -> Splits:
+    """Load a dataset from the table; DataError if its files are missing or broken, or if the data
+    root is a file. `say` prints a note (the bundled MNIST used instead of the data root's)."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-root {root} is a file; give the folder that holds the dataset (or, for "
+                        "--dataset folder, the folder of images).")
+    return DATASETS[name].load(root=root, image_size=image_size, channels=channels, say=say)
 
 
 # ---------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def classify(model: DigitClassifier, images: torch.Tensor, batch: int = 500) -> 
 def cached_classifier(dataset: str, root: Path) -> tuple[DigitClassifier, float]:
     """The dataset's classifier under <root>/classifiers, trained on first use; with its test accuracy."""
     path = root / "classifiers" / f"{dataset}-cnn.pt"
-    splits = data.load_dataset(dataset, root, CLASSIFIER_SIZE)
+    splits = data.load_dataset(dataset, root, CLASSIFIER_SIZE, say=lambda note: None)  # its notes are said already
     model = DigitClassifier()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -290,6 +290,7 @@ def evaluate_command(args: argparse.Namespace) -> list[Path]:
     device = config.resolve_device(args.device)
     checkpoint = utils.checkpoint_path(args.checkpoint)
     out = config.output_folder(args.out, checkpoint, "evaluate", ("evaluation.json",))
+    config.check_data_root(args.data_root)
     weights = inception_weights(args.inception_weights)
     inception = (weights, inception_network(weights)) if weights is not None else None  # a bad file stops it here
     utils.load_checkpoint(checkpoint)  # so does a bad checkpoint, before the classifier or the features

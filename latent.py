@@ -37,12 +37,19 @@ def heldout_split(cfg: TrainConfig, data_root: str | None) -> data.Split:
     return data.load_dataset(cfg.dataset, data_root or cfg.data_root, cfg.image_size, cfg.channels).heldout
 
 
-def heldout_batch(split: data.Split, count: int, cfg: TrainConfig,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first `count` held-out images in [-1, 1] and their labels (None for file datasets)."""
+def heldout_batch(split: data.Split, count: int, cfg: TrainConfig, device: torch.device,
+                  option: str = "--num") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `count` held-out images in [-1, 1] and their labels (None for file datasets); a
+    note says so when the split has fewer (`option` names the count asked for)."""
     images = data.heldout_images(split, count, cfg.image_size).to(device)
     labels = split.labels[:count] if isinstance(split, data.TensorImages) else None
+    say_if_fewer(len(images), count, option, "held-out images")
     return images, labels
+
+
+def say_if_fewer(got: int, asked: int, option: str, what: str) -> None:
+    if got < asked:
+        print(f"note: {option} asks for {asked:,}, but there are {got:,} {what}; used {got:,}")
 
 
 def read_images(paths: list[str], cfg: TrainConfig, device: torch.device) -> torch.Tensor:
@@ -159,6 +166,7 @@ def open_run(args: argparse.Namespace, command: str,
     device = config.resolve_device(args.device)
     checkpoint = utils.checkpoint_path(args.checkpoint)
     out = config.output_folder(args.out, checkpoint, command, WRITES[command])
+    config.check_data_root(args.data_root)
     cfg, nets, _ = utils.load_run(checkpoint, device)
     if needs_encoder and nets.encoder is None:
         raise UsageError(f"`{command}` needs an encoder, and a --model {cfg.model} checkpoint has none; "
@@ -209,7 +217,8 @@ def interpolate_command(args: argparse.Namespace) -> list[Path]:
         codes = torch.randn(2, args.pairs, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed))
         start, end = codes.to(device)
     else:
-        images, _ = heldout_batch(heldout_split(cfg, args.data_root), 2 * args.pairs, cfg, device)
+        images, _ = heldout_batch(heldout_split(cfg, args.data_root), 2 * args.pairs, cfg, device,
+                                  "--pairs (two images each)")
         if len(images) < 2:
             raise UsageError("interpolation needs at least two held-out images; use --prior instead.")
         z = encode(nets, images)
@@ -236,7 +245,11 @@ def add_attributes_arguments(parser: argparse.ArgumentParser) -> None:
 
 def attributes_command(args: argparse.Namespace) -> list[Path]:
     """One grid per attribute vector, built from labelled training images."""
+    if args.labels and not Path(args.labels).expanduser().is_file():
+        raise UsageError(f"--labels {args.labels} is not a file; give a CSV filename,attr1,attr2,... of the "
+                         "dataset's images.")
     cfg, nets, device, out = open_run(args, "attributes", needs_encoder=True)
+    check_classes(cfg, args)
     root = Path(args.data_root or cfg.data_root).expanduser()
     splits = data.load_dataset(cfg.dataset, root, cfg.image_size, cfg.channels)
     if isinstance(splits.train, data.TensorImages):
@@ -252,28 +265,38 @@ def attributes_command(args: argparse.Namespace) -> list[Path]:
     for name in wanted:
         if name not in names:
             raise UsageError(f"unknown attribute {name!r}; the labels have: {', '.join(names)}.")
+    say_if_fewer(len(keep[:args.num_labelled]), args.num_labelled, "--num-labelled", "labelled training images")
     keep = keep[:args.num_labelled]
     z = encode(nets, torch.stack([splits.train[i][0] for i in keep]).to(device))
-    queries = heldout_batch(splits.heldout, args.num_queries, cfg, device)[0]
+    queries = heldout_batch(splits.heldout, args.num_queries, cfg, device, "--num-queries")[0]
     return [write_attribute_grid(nets, queries, attribute_vector(z, labels[:len(keep), names.index(name)].to(device)),
                                  out / f"attribute_{name}.png") for name in wanted]
+
+
+def check_classes(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """For a dataset with class labels: --from and --to name two of its classes (before any data is read)."""
+    classes = data.DATASETS[cfg.dataset].classes
+    if classes is None:
+        return
+    if args.source is None or args.target is None:
+        raise UsageError(f"{cfg.dataset} has class labels, not attributes: say which vector with --from A --to B "
+                         f"(classes 0..{classes - 1}).")
+    for name, value in (("--from", args.source), ("--to", args.target)):
+        if not 0 <= value < classes:
+            raise UsageError(f"{name} {value} is not a class of {cfg.dataset}; its classes are 0..{classes - 1}.")
 
 
 def write_class_vector_grid(nets: Networks, cfg: TrainConfig, splits: data.Splits, args: argparse.Namespace,
                             device: torch.device, out: Path) -> Path:
     """Class labels: the vector from the mean code of class --from to that of class --to."""
     train, heldout = splits.train, splits.heldout
-    if args.source is None or args.target is None:
-        raise UsageError(f"{cfg.dataset} has class labels, not attributes: say which vector with --from A --to B "
-                         f"(classes {int(train.labels.min())}..{int(train.labels.max())}).")
-    classes = set(train.labels.unique().tolist())
-    for name, value in (("--from", args.source), ("--to", args.target)):
-        if value not in classes:
-            raise UsageError(f"{name} {value} is not a class of {cfg.dataset}; its classes are "
-                             f"{min(classes)}..{max(classes)}.")
-    chosen = ((train.labels == args.source) | (train.labels == args.target)).nonzero().flatten()[:args.num_labelled]
+    chosen = ((train.labels == args.source) | (train.labels == args.target)).nonzero().flatten()
+    say_if_fewer(len(chosen[:args.num_labelled]), args.num_labelled, "--num-labelled",
+                 f"training images of classes {args.source} and {args.target}")
+    chosen = chosen[:args.num_labelled]
     images = data.resize(data.uint8_to_model(train.images[chosen]), cfg.image_size).to(device)
     vector = attribute_vector(encode(nets, images), train.labels[chosen].to(device) == args.target)
     queries = heldout.images[(heldout.labels == args.source).nonzero().flatten()[:args.num_queries]]
+    say_if_fewer(len(queries), args.num_queries, "--num-queries", f"held-out images of class {args.source}")
     queries = data.resize(data.uint8_to_model(queries), cfg.image_size).to(device)
     return write_attribute_grid(nets, queries, vector, out / f"class_{args.source}_to_{args.target}.png")

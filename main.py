@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -81,18 +82,39 @@ def train_command(args: argparse.Namespace) -> list[Path]:
             device = config.resolve_device(args.device)
         kernels.keep_freed_memory(device)
         say = print if replicas.is_main else (lambda *a, **k: None)
+        sharing = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1  # processes on one memory
         if args.resume:
             state = utils.load_checkpoint(args.resume)
             run_dir = utils.checkpoint_path(args.resume).parent
             cfg = config.resume_config(TrainConfig.from_saved(state["config"]), args, args.typed, device, run_dir, say)
+            config.check_memory(cfg, device, sharing)
             Run(cfg, replicas, resume=state).train()
         else:
             cfg, preset_line = config.resolve_config(args, device)
             config.check_run_folder(cfg, resuming=False)
-            Run(cfg, replicas, preset_line=preset_line).train()
+            config.check_memory(cfg, device, sharing)
+            train_new_run(cfg, replicas, preset_line)
     finally:
         distributed.stop(replicas)
     return []
+
+
+def train_new_run(cfg: TrainConfig, replicas: Replicas, preset_line: str) -> None:
+    """A new run; if memory runs out before its first checkpoint, the folder it made is removed again."""
+    out = Path(cfg.out).expanduser()
+    made = not out.exists()
+    try:
+        Run(cfg, replicas, preset_line=preset_line).train()
+    except (RuntimeError, MemoryError) as error:
+        if out_of_memory(error) and made and replicas.is_main and not (out / "checkpoint.pt").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the allocator running out of memory (CUDA's or the CPU's)."""
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError))
+            or "can't allocate memory" in str(error) or "not enough memory" in str(error))
 
 
 COMMANDS = {
@@ -158,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
                       every_machine=True, code=2)
     except TrainingDiverged as error:
         return report(error, rank, every_machine=False, code=1)
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:
+        if out_of_memory(error):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            advice = ("The run's networks and batch do not fit here; lower --batch-size, --image-size or --width. "
+                      "The last checkpoint on disk, if any, is intact." if name == "train" else
+                      "Ask for fewer images (--num and the other counts) or use a device with more memory.")
+            return report(f"out of memory ({first[:200]}). {advice}", rank, every_machine=True, code=2)
         if not distributed.lost_contact(error):
             raise
         return report(f"lost contact with the other training processes ({str(error).strip().splitlines()[0]}): one "
@@ -229,7 +257,7 @@ class Run:
             raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU. Leave it out "
                              "(each process then normalises by the statistics of its own batch).")
         self.splits = rank_0_first(replicas, lambda: data.load_dataset(cfg.dataset, cfg.data_root, cfg.image_size,
-                                                                       cfg.channels), then_the_others=True)
+                                                                       cfg.channels, self.say), then_the_others=True)
         self.batches = data.Batches(self.splits.train, cfg.batch_size, cfg.image_size, self.device, cfg.seed,
                                     cfg.num_workers, replicas.rank, replicas.world_size)
         if len(self.batches) == 0:

@@ -210,6 +210,49 @@ def batch_norms(module: nn.Module) -> Iterator[nn.modules.batchnorm._BatchNorm]:
     return (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
+def shapes_only(cfg: NetworkConfig, model: str = "vaegan") -> Networks:
+    """The networks with parameters that have shapes but no memory (the meta device): to count and trace."""
+    with torch.device("meta"):
+        return build_networks(cfg, "meta", model)
+
+
+def layer_outputs(layers: nn.Module, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """(numbers output by all the layers in `layers`, the shape it outputs) for one input of `shape`."""
+    total = 0
+    for layer in (m for m in layers.modules() if not list(m.children())):
+        if isinstance(layer, nn.Conv2d):
+            side = (shape[-1] + 2 * layer.padding[0] - layer.kernel_size[0]) // layer.stride[0] + 1
+            shape = (layer.out_channels, side, side)
+        elif isinstance(layer, nn.ConvTranspose2d):
+            side = (shape[-1] - 1) * layer.stride[0] - 2 * layer.padding[0] + layer.kernel_size[0]
+            shape = (layer.out_channels, side, side)
+        elif isinstance(layer, nn.Linear):
+            shape = (layer.out_features,)
+        elif isinstance(layer, nn.Flatten):
+            shape = (math.prod(shape),)
+        elif isinstance(layer, nn.Unflatten):
+            shape = tuple(layer.unflattened_size)
+        total += math.prod(shape)  # BatchNorm and activations keep the shape
+    return total, shape
+
+
+def activation_elements(cfg: NetworkConfig, model: str = "vaegan") -> int:
+    """Numbers the layers of one training step's forward pass output, per image of the batch: the
+    encoder sees the batch once, the decoder twice ([z; z_p]) and the discriminator three times
+    ([x; x~; x_p]), as in the step (once and twice for the gan, which has no encoder)."""
+    image = (cfg.channels, cfg.image_size, cfg.image_size)
+    nets = shapes_only(cfg)
+    encoder = layer_outputs(nets.encoder.features, image)[0] + 2 * cfg.latent_dim
+    decoder = layer_outputs(nets.decoder.net, (cfg.latent_dim,))[0]
+    discriminator = nets.discriminator
+    convolutions, features = layer_outputs(discriminator.stages, image)
+    discriminator_outputs = convolutions + layer_outputs(discriminator.classifier, features)[0]
+    owned = MODELS[model]
+    fakes = 2 if "encoder" in owned else 1
+    return ((encoder if "encoder" in owned else 0) + fakes * decoder
+            + ((1 + fakes) * discriminator_outputs if "discriminator" in owned else 0))
+
+
 SAMPLE_BATCH = 64  # prior samples normalised together when decoding with batch statistics, as in a grid
 
 

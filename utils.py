@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -205,30 +206,41 @@ class MetricsLog:
         self.rows: list[dict[str, float]] = [
             {name: columns[name][i] if name in columns else math.nan for name in self.fields} for i in range(steps)]
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.fields)
-                writer.writeheader()
-                writer.writerows(format_row(row) for row in self.rows)
+        write_atomic(self.path, lambda tmp: tmp.write_text(self.csv_text(self.rows, header=True)))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.complete = os.fstat(self.fd).st_size  # bytes of whole rows on disk
 
-        write_atomic(self.path, write)
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.fields)
+    def csv_text(self, rows: list[dict[str, float]], header: bool = False) -> str:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.fields, lineterminator="\n")
+        if header:
+            writer.writeheader()
+        writer.writerows(format_row(row) for row in rows)
+        return text.getvalue()
 
     def history(self) -> dict[str, list]:
         return {name: [row.get(name, math.nan) for row in self.rows] for name in self.fields}
 
     def append(self, row: dict[str, float]) -> None:
+        """Add a row and write it at once. If the disk refuses part of it (full), the file is cut back
+        to its whole rows before the error goes on: it never ends in half a row."""
         row = {**dict.fromkeys(self.fields, math.nan), **row}
         self.rows.append(row)
-        self.writer.writerow(format_row(row))
+        data = self.csv_text([row]).encode()
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError as error:
+            os.ftruncate(self.fd, self.complete)
+            error.filename = error.filename or str(self.path)
+            raise
+        self.complete = os.fstat(self.fd).st_size
 
     def flush(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        os.fsync(self.fd)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
 
     def column(self, name: str) -> np.ndarray:
         return np.array([row.get(name, math.nan) for row in self.rows], dtype=float)

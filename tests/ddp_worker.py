@@ -38,7 +38,13 @@ def run_main_recording(argv: list[str], die_at_step: int | None = None) -> int:
     step.equilibrium_gate = lambda *args: record["gate"].append(gate(*args)) or record["gate"][-1]
 
     build = models.build_networks
-    models.build_networks = lambda *args, **kwargs: captured.setdefault("nets", build(*args, **kwargs))
+
+    def build_and_capture(*args, **kwargs):
+        nets = build(*args, **kwargs)
+        if next(nets.decoder.parameters()).device.type != "meta":  # not the memory estimate's shapes
+            captured.setdefault("nets", nets)
+        return nets
+    models.build_networks = build_and_capture
 
     epoch = data.Batches.epoch
 
