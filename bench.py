@@ -1,26 +1,26 @@
 """Benchmark the training step against a naive step and the machine's matmul rate, in one process.
 
-    python3 bench.py [--image-size 64] [--channels 1] [--width 1.0] [--batch-size 64]
-                     [--device auto] [--steps N] [--[no-]channels-last] [--json FILE]
+    python3 bench.py [--image-size 64] [--channels 1] [--width 1.0] [--batch-size 64] [--amp auto]
+                     [--device auto] [--steps N] [--[no-]channels-last] [--compile] [--json FILE]
 
-Three measurements alternate (A B C A B C ...) after a warm-up, so drift on a noisy
-machine affects all of them alike:
-  project  step.train_step, the step the training loop runs;
-  naive    the same forward pass, then one full backward pass per network's loss with
-           retain_graph and zeroed gradients in between (how most public ports do it),
-           then the three optimizer steps;
-  matmul   a large float32 matrix product (on CUDA also bfloat16): the machine's rate;
-  and, with --amp or --compile, the project's step with that path on, reported as a
-  speed-up over the float32 eager step.
-Both steps update all three networks (equilibrium gate off) so that they do equal work, in
-the memory format training uses on the device (channels-last on the CPU, else NCHW;
---[no-]channels-last overrides it); in channels-last the float32 eager step is also timed
-in NCHW (project_contiguous), which gives channels-last's speed-up. Peak memory is measured
-afterwards, in one more step of each, so that measuring it does not slow the timed ones. On the
-CPU the process keeps freed memory for reuse while timing, as training does, and measures
-memory with every large block mapped on its own (kernels.keep_freed_memory): peak MiB is the
-growth of resident memory, alloc MiB the peak growth of what PyTorch's allocator handed out
-(from the profiler's memory events), which leaves out the C library's and oneDNN's own.
+The measurements alternate (A B C A B C ...) after a warm-up, so that drift on a noisy machine
+affects all of them alike:
+  project                  step.train_step as training runs it by default: in the default
+                           precision (--amp auto: bf16 where the device has bfloat16 matrix
+                           units) and memory format (channels-last on the CPU);
+  naive                    the same forward pass in float32, then one full backward pass per
+                           network's loss with retain_graph (how most public ports do it);
+  project_fp32             the project's step in float32 (when the default is not float32);
+  project_contiguous       ... in NCHW: channels-last's speed-up;
+  project_memory_returned  ... with glibc returning freed memory (CPU): keeping it's speed-up;
+  project_compile          ... with torch.compile (--compile);
+  matmul_fp32, _bf16       a large matrix product in each precision timed: the machine's rate,
+                           which each step's FLOP/s is compared with in its own precision.
+Every step updates all three networks (equilibrium gate off), so that they do equal work. Peak
+memory is measured afterwards, in one more step of each, so that measuring it does not slow the
+timed ones: on the CPU, peak MiB is the growth of resident memory with every large block mapped
+on its own, alloc MiB the peak growth of what PyTorch's allocator handed out (from the
+profiler's memory events).
 
 Under torchrun (torchrun --nproc-per-node N bench.py ...) it times instead the two ways of
 averaging gradients across the processes, each in every process on its own images:
@@ -211,53 +211,26 @@ def fast_path_case(network_cfg: NetworkConfig, x: torch.Tensor, amp: str = "off"
 
 
 def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_size: int = 64,
-          device: str = "auto", steps: int = 5, warmup: int = 1, amp: str = "off",
+          device: str = "auto", steps: int = 5, warmup: int = 1, amp: str = "auto",
           channels_last: bool | None = None, compile: bool = False, replicas: Replicas = SINGLE) -> dict:
     """Run the measurements alternately; returns the report as a dict."""
     dev = replicas.device if replicas.active else config.resolve_device(device)
     kernels.keep_freed_memory(dev)  # as training does
     layout = kernels.default_channels_last(dev) if channels_last is None else channels_last
+    precision = config.resolve_amp(amp, dev)[0]
     torch.manual_seed(replicas.rank)  # under torchrun each process its own images
     network_cfg = NetworkConfig(image_size=image_size, channels=channels, width=width)
     x = torch.rand(batch_size, channels, image_size, image_size, device=dev) * 2 - 1
-    images = batch_size * replicas.world_size
-    if replicas.active:  # the two ways of averaging gradients, instead of the naive step
-        cases: dict[str, dict] = {
-            name: {"run": fast_path_case(network_cfg, x, channels_last=layout,
-                                         replicas=dataclasses.replace(replicas, grad_sync=sync)), "images": images}
-            for name, sync in (("project", "ddp"), ("project_allreduce", "allreduce"))}
-    else:
-        cases = {"project": {"run": fast_path_case(network_cfg, x, channels_last=layout), "images": batch_size}}
-        nets = models.build_networks(network_cfg, dev)
-        optimizers = step.build_optimizers(nets, 3e-4, 0.9)
-        naive_x = in_format(nets, x, layout)
-        cases["naive"] = {"run": lambda: naive_step(nets, optimizers, naive_x, ALL_UPDATES), "images": batch_size}
-    fast = {f"project_amp_{amp}": dict(amp=amp, channels_last=layout)} if amp != "off" else {}
-    if compile:
-        fast["project_compile"] = dict(compile=True, channels_last=layout)
-    if layout:
-        fast["project_contiguous"] = dict(channels_last=False)
-    like_project = dataclasses.replace(replicas, grad_sync="ddp")  # under torchrun "project" is the DDP step
-    for name, options in fast.items():
-        cases[name] = {"run": fast_path_case(network_cfg, x, **options, replicas=like_project), "images": images}
-    matmuls = [("matmul_fp32", torch.float32)] + ([("matmul_bf16", torch.bfloat16)] if dev.type == "cuda" else [])
-    for name, dtype in matmuls:
-        run, flops = matmul_case(dev, dtype)
-        cases[name] = {"run": run, "flops": flops, "images": 0}
-    for name in ("project", "naive") if "naive" in cases else ("project",):
-        cases[name]["flops"] = count_flops(cases[name]["run"])
-    for name in [*fast, "project_allreduce"] if replicas.active else fast:  # the same arithmetic as "project"
-        cases[name]["flops"] = cases["project"]["flops"]
-
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for round_index in range(warmup + steps):
-        for name, case in cases.items():
-            synchronize(dev)
-            start = time.perf_counter()
-            case["run"]()
-            synchronize(dev)
-            if round_index >= warmup:
-                times[name].append(time.perf_counter() - start)
+    cases = step_cases(network_cfg, x, precision, layout, compile, replicas)
+    matmuls = {"off": "matmul_fp32", "bf16": "matmul_bf16", "fp16": "matmul_fp16"}
+    for amp_name in {"off"} | {case["precision"] for case in cases.values()}:
+        run, flops = matmul_case(dev, config.AMP_DTYPES[amp_name] or torch.float32)
+        cases[matmuls[amp_name]] = {"run": run, "flops": flops, "images": 0, "precision": amp_name}
+    for name, case in cases.items():  # the fast paths do the arithmetic of the eager step in its precision
+        case.setdefault("flops", count_flops(case["run"]) if name in ("project", "naive") else None)
+    for case in cases.values():
+        case["flops"] = case["flops"] or cases["project"]["flops"]
+    times = time_alternately(cases, dev, steps, warmup)
     memory = PeakMemory(dev)  # measured apart, so that its sampling thread does not slow the timed rounds
     peaks: dict[str, dict] = {}
     for name, case in cases.items():
@@ -265,13 +238,13 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
             case["run"]()
             synchronize(dev)
         peaks[name] = peak
-
     report = {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
         "processes": replicas.world_size,
         "torch": torch.__version__,
+        "precision": precision,
         "config": {"image_size": image_size, "channels": channels, "width": width, "batch_size": batch_size,
                    "channels_last": layout, "steps": steps, "warmup": warmup},
         "results": {},
@@ -279,26 +252,86 @@ def bench(image_size: int = 64, channels: int = 1, width: float = 1.0, batch_siz
     for name, case in cases.items():
         seconds = statistics.median(times[name])
         report["results"][name] = {
-            "seconds": seconds,
+            "seconds": seconds, "precision": case["precision"],
             "images_per_second": case["images"] / seconds if case["images"] else None,
             "flops": case["flops"],
             "flop_per_second": case["flops"] / seconds,
             "peak_memory_bytes": peaks[name]["bytes"],
             **({"peak_allocated_bytes": peaks[name]["allocated_bytes"]} if "allocated_bytes" in peaks[name] else {}),
         }
-    reference = report["results"]["matmul_fp32"]["flop_per_second"]
-    for name in cases.keys() - {name for name, _ in matmuls}:
-        report["results"][name]["share_of_matmul"] = report["results"][name]["flop_per_second"] / reference
-    project_seconds = report["results"]["project"]["seconds"]
-    if replicas.active:
-        report["allreduce_over_ddp"] = report["results"]["project_allreduce"]["seconds"] / project_seconds
-    else:
-        report["naive_over_project"] = report["results"]["naive"]["seconds"] / project_seconds
-    for name in fast.keys() - {"project_contiguous"}:
-        report["results"][name]["speedup_over_fp32_eager"] = project_seconds / report["results"][name]["seconds"]
-    if "project_contiguous" in fast:
-        report["channels_last_speedup"] = report["results"]["project_contiguous"]["seconds"] / project_seconds
+    for name, result in report["results"].items():
+        if not name.startswith("matmul"):  # each step against the matmul rate of its own precision
+            result["share_of_matmul"] = result["flop_per_second"] / report["results"][
+                matmuls[result["precision"]]]["flop_per_second"]
+    add_ratios(report)
     return report
+
+
+def step_cases(network_cfg: NetworkConfig, x: torch.Tensor, precision: str, layout: bool, compile: bool,
+               replicas: Replicas) -> dict[str, dict]:
+    """The steps to time: the training step as the defaults run it ("project", in `precision`), and
+    each thing that makes it fast switched off in turn; one process: also the naive float32 step."""
+    images = len(x) * replicas.world_size
+    if replicas.active:  # the two ways of averaging gradients, instead of the naive step
+        return {name: {"run": fast_path_case(network_cfg, x, precision, layout,
+                                             replicas=dataclasses.replace(replicas, grad_sync=sync)),
+                       "images": images, "precision": precision}
+                for name, sync in (("project", "ddp"), ("project_allreduce", "allreduce"))}
+    cases = {"project": {"run": fast_path_case(network_cfg, x, precision, layout), "precision": precision}}
+    nets = models.build_networks(network_cfg, x.device)
+    optimizers = step.build_optimizers(nets, 3e-4, 0.9)
+    naive_x = in_format(nets, x, layout)
+    cases["naive"] = {"run": lambda: naive_step(nets, optimizers, naive_x, ALL_UPDATES), "precision": "off"}
+    if precision != "off":
+        cases["project_fp32"] = {"run": fast_path_case(network_cfg, x, "off", layout), "precision": "off"}
+    if layout:
+        cases["project_contiguous"] = {"run": fast_path_case(network_cfg, x, precision, False), "precision": precision}
+    if kernels.glibc() is not None and x.device.type == "cpu":
+        cases["project_memory_returned"] = {"run": memory_returned(fast_path_case(network_cfg, x, precision, layout),
+                                                                   x.device), "precision": precision}
+    if compile:
+        cases["project_compile"] = {"run": fast_path_case(network_cfg, x, precision, layout, compile=True),
+                                    "precision": precision}
+    for case in cases.values():
+        case["images"] = images
+    return cases
+
+
+def memory_returned(run: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`run` with glibc returning freed memory to the system (its default), as training would without
+    kernels.keep_freed_memory; training's setting is restored afterwards."""
+    def returned() -> None:
+        kernels.keep_freed_memory(device, keep=False)
+        kernels.glibc().malloc_trim(0)
+        try:
+            run()
+        finally:
+            kernels.keep_freed_memory(device)
+    return returned
+
+
+def time_alternately(cases: dict[str, dict], device: torch.device, steps: int, warmup: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_index in range(warmup + steps):
+        for name, case in cases.items():
+            synchronize(device)
+            start = time.perf_counter()
+            case["run"]()
+            synchronize(device)
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def add_ratios(report: dict) -> None:
+    """The speed-ups the report's comparisons give: another step's time over the project's."""
+    results = report["results"]
+    compared = {"allreduce_over_ddp": "project_allreduce", "naive_over_project": "naive",
+                "fp32_over_project": "project_fp32", "channels_last_speedup": "project_contiguous",
+                "kept_memory_speedup": "project_memory_returned", "compile_slowdown": "project_compile"}
+    for key, name in compared.items():
+        if name in results:
+            report[key] = results[name]["seconds"] / results["project"]["seconds"]
 
 
 def cpu_name() -> str:
@@ -319,27 +352,26 @@ def format_report(report: dict) -> str:
         + (f", {report['processes']} processes (images/s: all of them)" if report["processes"] > 1 else ""),
         f"config: {cfg['channels']}x{cfg['image_size']}x{cfg['image_size']}, width {cfg['width']}, "
         f"batch {cfg['batch_size']}, {'channels-last (NHWC)' if cfg['channels_last'] else 'NCHW'}, "
+        f"project in {config.PRECISIONS[report['precision']].split(' (')[0]}, "
         f"median of {cfg['steps']} after {cfg['warmup']} warm-up",
-        f"{'':18} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}"
+        f"{'':24} {'s/step':>9} {'images/s':>9} {'GFLOP':>9} {'GFLOP/s':>9} {'of matmul':>9} {'peak MiB':>9}"
         + (f" {'alloc MiB':>9}" if any("peak_allocated_bytes" in r for r in report["results"].values()) else ""),
     ]
     for name, r in report["results"].items():
         images = f"{r['images_per_second']:9.1f}" if r["images_per_second"] else f"{'':9}"
         share = f"{r['share_of_matmul']:9.0%}" if "share_of_matmul" in r else f"{'':9}"
         allocated = f" {r['peak_allocated_bytes'] / 2**20:9.1f}" if "peak_allocated_bytes" in r else ""
-        lines.append(f"{name:18} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
+        lines.append(f"{name:24} {r['seconds']:9.4f} {images} {r['flops'] / 1e9:9.2f} "
                      f"{r['flop_per_second'] / 1e9:9.1f} {share} {r['peak_memory_bytes'] / 2**20:9.1f}{allocated}")
-    if "naive_over_project" in report:
-        lines.append(f"naive / project: {report['naive_over_project']:.2f}x")
-    else:
-        lines.append(f"gradients averaged by DDP hooks (project) vs bucketed all-reduce: the all-reduce step takes "
-                     f"{report['allreduce_over_ddp']:.2f}x as long")
-    for name, r in report["results"].items():
-        if "speedup_over_fp32_eager" in r:
-            lines.append(f"{name} / project (fp32 eager): {r['speedup_over_fp32_eager']:.2f}x faster")
-    if "channels_last_speedup" in report:
-        lines.append(f"channels-last speed-up over NCHW (project_contiguous / project): "
-                     f"{report['channels_last_speedup']:.2f}x")
+    explained = {
+        "naive_over_project": "naive float32 step / project",
+        "fp32_over_project": "float32 step (project_fp32) / project: the default precision's speed-up",
+        "channels_last_speedup": "NCHW (project_contiguous) / project: channels-last's speed-up",
+        "kept_memory_speedup": "freed memory returned (project_memory_returned) / project: keeping it's speed-up",
+        "compile_slowdown": "torch.compile (project_compile) / project: below 1 is a speed-up",
+        "allreduce_over_ddp": "bucketed all-reduce / DDP hooks",
+    }
+    lines += [f"{text}: {report[key]:.2f}x" for key, text in explained.items() if key in report]
     return "\n".join(lines)
 
 
@@ -352,7 +384,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--amp", default="off", choices=config.AMP_DTYPES, help="also time the step in this precision")
+    p.add_argument("--amp", default="auto", choices=("auto", *config.AMP_DTYPES),
+                   help="the precision of the project's step (default: as training, auto); the float32 step is "
+                        "timed beside it")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                    help="memory format of the timed steps (default: as training on the device: NHWC on the CPU)")
     p.add_argument("--compile", action="store_true", help="also time the step with torch.compile")

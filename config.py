@@ -13,7 +13,7 @@ import argparse
 import fnmatch
 import math
 import os
-from dataclasses import Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +50,8 @@ def within(low: float, high: float, why: str = "") -> Check:
 NOT_NEGATIVE = Check(lambda v: v >= 0, "must not be negative")
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp: the autocast dtype
+PRECISIONS = {"off": "float32", "bf16": "bfloat16 autocast (losses, the gate's BCEs, optimizer state and "
+              "checkpoints in float32)", "fp16": "float16 autocast with loss scaling"}
 GROUPS = ("data", "model", "loss", "training", "speed", "output")
 
 
@@ -115,8 +117,9 @@ class TrainConfig(LossConfig):
     seed: int = setting(0, "makes a run repeatable", "training")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps (auto: CUDA, then MPS, then CPU)", "speed",
                           resume=True)
-    amp: str = setting("off", "mixed precision (fp16 with loss scaling)", "speed", resume=True,
-                       choices=tuple(AMP_DTYPES))
+    amp: str = setting("auto", "precision: auto (bf16 where the device has bfloat16 matrix units: CUDA compute "
+                       "capability 8.0 and later, CPUs with AMX or AVX-512 BF16; float32 elsewhere), off (float32), "
+                       "bf16, or fp16 with loss scaling", "speed", resume=True, choices=("auto", *AMP_DTYPES))
     channels_last: bool | None = setting(None, "NHWC memory format for the networks and images", "speed", resume=True,
                                          shown="on for the CPU, off elsewhere", type=bool)
     compile: bool = setting(False, "torch.compile the three networks (falls back to eager)", "speed", resume=True)
@@ -238,6 +241,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
+    """--amp auto: bf16 where `device` has bfloat16 matrix units, else off; returns (amp, why)."""
+    if amp != "auto":
+        return amp, f"--amp {amp}"
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bf16", f"auto: CUDA compute capability {major}.{minor}; --amp off for float32"
+        return "off", f"auto: CUDA compute capability {major}.{minor} has no bfloat16 matrix units"
+    if device.type == "cpu":
+        flags = cpu_flags()
+        for name, units in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")):
+            if name in flags:
+                return "bf16", f"auto: this CPU has {units}; --amp off for float32"
+    return "off", f"auto: this {device.type} has no bfloat16 matrix units"
+
+
 def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainConfig, str]:
     """Fill in what the command line left out (preset, channels, memory format, --out); returns the
     validated config and a line saying which preset was chosen."""
@@ -259,7 +288,10 @@ def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[Trai
     values = ", ".join(f"{key.replace('_', ' ')} {getattr(cfg, key):g}" for key in PRESETS[preset])
     other = {"paper": "--preset cpu gives the reduced CPU configuration",
              "cpu": "--preset paper gives the paper's 64x64 network"}[preset]
-    return cfg, f"preset {preset} ({why}): {values}; {other}; explicit flags win."
+    amp, amp_why = resolve_amp(cfg.amp, device)
+    cfg = replace(cfg, amp=amp)
+    return cfg, (f"preset {preset} ({why}): {values}; {other}; explicit flags win.\n"
+                 f"precision: {PRECISIONS[amp]} ({amp_why})")
 
 
 def resume_config(saved: TrainConfig, args: argparse.Namespace, explicit: set[str], device: torch.device,
@@ -283,6 +315,10 @@ def resume_config(saved: TrainConfig, args: argparse.Namespace, explicit: set[st
                          "are fixed for the run it continues and win. Leave these flags out to resume, or start a "
                          "new run with another --out.")
     cfg = TrainConfig(**{**asdict(saved), **changes})
+    if cfg.amp == "auto":
+        amp, why = resolve_amp("auto", device)
+        say(f"precision: {PRECISIONS[amp]} ({why})")
+        cfg = replace(cfg, amp=amp)
     validate(cfg)
     return cfg
 

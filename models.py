@@ -14,8 +14,6 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from kernels import FastConv2d, FastConvTranspose2d
-
 LEAK = 0.2  # LeakyReLU slope everywhere
 
 
@@ -70,7 +68,7 @@ DISCRIMINATOR_WIDTHS = [32, 128, 256, 256, 512]
 
 def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int, batch_norm: bool = True) -> list[nn.Module]:
     """Conv (padding keeps size/stride), optional BatchNorm, LeakyReLU."""
-    layers: list[nn.Module] = [FastConv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2)]
+    layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_ch))
     layers.append(nn.LeakyReLU(LEAK))
@@ -79,7 +77,7 @@ def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int, batch_norm: bo
 
 def deconv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
     """ConvTranspose 6x6/2 (doubles the size), BatchNorm, LeakyReLU."""
-    return [FastConvTranspose2d(in_ch, out_ch, 6, 2, padding=2), nn.BatchNorm2d(out_ch), nn.LeakyReLU(LEAK)]
+    return [nn.ConvTranspose2d(in_ch, out_ch, 6, 2, padding=2), nn.BatchNorm2d(out_ch), nn.LeakyReLU(LEAK)]
 
 
 class Encoder(nn.Module):
@@ -121,7 +119,7 @@ class Decoder(nn.Module):
             *deconv_block(c0, c1),              # S/4
             *deconv_block(c1, c2),              # S/2
             *deconv_block(c2, c3),              # S
-            FastConvTranspose2d(c3, cfg.channels, 5, 1, padding=2),
+            nn.ConvTranspose2d(c3, cfg.channels, 5, 1, padding=2),
             nn.Tanh(),
         )
 

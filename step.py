@@ -59,8 +59,6 @@ def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool, dev
         except (RuntimeError, ValueError) as error:
             notes.append(f"--amp fp16 falls back to float32: no loss scaling on {device.type} ({error})")
             dtype = None
-    if dtype is not None:
-        notes.append(f"mixed precision: autocast to {amp}" + (" with dynamic loss scaling" if scaler else ""))
     if channels_last:
         for module in nets.modules().values():
             module.to(memory_format=torch.channels_last)

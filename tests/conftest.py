@@ -10,6 +10,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
 TINY = ["--image-size", "16", "--width", "0.125", "--latent-dim", "8", "--batch-size", "16"]  # a run of seconds
 
 
@@ -65,12 +66,13 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 @pytest.fixture(scope="session")
 def writable_mnist_root(tmp_path_factory) -> Path:
-    """A writable data root whose MNIST is the real one (../shared/data is read-only in CI),
-    so the evaluation classifier can be cached beside it once per test session."""
+    """A writable data root whose MNIST is the real one (../shared/data is read-only in CI), with
+    the evaluation classifier trained and cached beside it once per test session."""
     location = os.environ.get("VAEGAN_DATA")
     if not location or not (Path(location) / "MNIST" / "raw").is_dir():
         pytest.skip("VAEGAN_DATA is not set to a folder holding MNIST/raw (e.g. ../shared/data)")
     root = tmp_path_factory.mktemp("data")
     (root / "MNIST").mkdir()
     (root / "MNIST" / "raw").symlink_to(Path(location).resolve() / "MNIST" / "raw")
+    evaluate.cached_classifier("mnist", root)  # here, with no time limit, rather than in a command's first test
     return root

@@ -1,6 +1,7 @@
 """Settings: presets, validation, the resume rules, device resolution, and the README's option tables."""
 import argparse
 
+import pytest
 import torch
 
 import config
@@ -27,3 +28,17 @@ def test_auto_preset_on_cpu_is_the_cpu_preset_and_explicit_flags_win():
     assert on_gpu.preset == "paper" and on_gpu.image_size == 64
 
 
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2", "amx_bf16", "avx512_bf16"}, ("bf16", "AMX")),
+                                             ({"avx512f", "avx512_bf16"}, ("bf16", "AVX-512 BF16")),
+                                             ({"avx2", "fma"}, ("off", "no bfloat16 matrix units"))])
+def test_amp_auto_is_bf16_where_the_cpu_has_bfloat16_matrix_units(monkeypatch, flags, expected):
+    monkeypatch.setattr(config, "cpu_flags", lambda: flags)
+    amp, why = config.resolve_amp("auto", torch.device("cpu"))
+    assert amp == expected[0] and expected[1] in why
+    cfg, lines = parse("--dataset", "mnist")
+    assert cfg.amp == expected[0] and f"precision: {config.PRECISIONS[expected[0]]}" in lines
+    assert config.resolve_amp("fp16", torch.device("cpu"))[0] == "fp16"  # an explicit --amp always wins
+    forced, lines = parse("--amp", "off")
+    assert forced.amp == "off" and "precision: float32 (--amp off)" in lines

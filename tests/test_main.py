@@ -122,8 +122,8 @@ def test_failed_download_through_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("flags, note", [
-    (["--amp", "bf16"], "autocast to bf16"),
-    (["--amp", "fp16"], "with dynamic loss scaling"),
+    (["--amp", "bf16"], "precision: bfloat16 autocast"),
+    (["--amp", "fp16"], "precision: float16 autocast with loss scaling"),
     (["--channels-last"], "channels-last memory format"),
     (["--compile"], "torch.compile"),
 ])
