@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import math
 import os
 from dataclasses import Field, asdict, dataclass, field, fields, replace
@@ -140,6 +141,8 @@ class TrainConfig(LossConfig):
     eval_every: int = setting(0, "also measure sample quality every N steps: FID and KID of 2,000 prior samples in "
                               "the domain classifier's features (mnist, fashion-mnist), into metrics.csv and "
                               "plots/sample_quality.png (0: never)", "output", resume=True, check=NOT_NEGATIVE)
+    tensorboard: bool = setting(False, "also write TensorBoard events in <run>/tb: every metrics.csv column and the "
+                                "grids (needs the tensorboard package)", "output", resume=True)
 
     def network_config(self) -> NetworkConfig:
         return NetworkConfig(self.image_size, self.channels, self.latent_dim, self.width, self.recon_layer)
@@ -213,6 +216,9 @@ def validate(cfg: TrainConfig) -> None:
         scored = ", ".join(name for name, spec in data.DATASETS.items() if spec.domain_classifier)
         raise UsageError(f"--eval-every measures samples with a domain classifier, which {cfg.dataset} does not "
                          f"have (only {scored}); leave it out and score a checkpoint with `main.py evaluate`.")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard writes its events with the tensorboard package, which is not installed "
+                         "here: pip install tensorboard, or leave --tensorboard out.")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -228,7 +228,7 @@ class Run:
         self.cfg, self.replicas, self.device = cfg, replicas, torch.device(cfg.device)
         self.say = print if replicas.is_main else (lambda *args, **kwargs: None)
         self.step = self.epoch_batches = 0
-        self.epoch, self.log = 1, None
+        self.epoch, self.log, self.tensorboard = 1, None, None
         self.load_data()
         rank_0_first(replicas, lambda: prepare_out_dir(cfg, resuming=resume is not None), then_the_others=False)
         self.out = Path(cfg.out).expanduser()
@@ -245,6 +245,8 @@ class Run:
         if replicas.is_main:
             self.log = utils.MetricsLog(self.out / "metrics.csv", resume["history"] if resume else None,
                                         self.quality.columns() if self.quality else [])
+        self.tensorboard = (utils.TensorBoardLog(self.out / "tb", resumed_at=self.step if resume else None)
+                            if cfg.tensorboard and replicas.is_main else None)
         if self.epoch_batches >= len(self.batches):  # the checkpoint was written at an epoch's end
             self.epoch, self.epoch_batches = self.epoch + 1, 0
         self.total_steps = min(cfg.epochs * len(self.batches), cfg.max_steps or math.inf)
@@ -389,6 +391,8 @@ class Run:
         """metrics.csv, the progress bar and, once, the measured time per step."""
         if self.log is not None:
             self.log.append(row)
+        if self.tensorboard is not None:
+            self.tensorboard.add_row(row)
         self.epoch_rows.append(row)
         self.bar.update(1)
         self.bar.set_postfix_str(" ".join(f"{label} {row[key]:{spec}}" for key, label, spec in BAR_FIELDS
@@ -428,8 +432,13 @@ class Run:
         pairs = utils.interleave(self.heldout, models.reconstruct(self.nets, self.heldout)) if has_pairs else None
         if self.replicas.is_main:
             utils.write_grid(samples, self.out / "samples" / f"{tag}.png")
+            utils.write_evolution_gif(self.out / "samples", len(self.batches))
             if pairs is not None:
                 utils.write_grid(pairs, self.out / "reconstructions" / f"{tag}.png")
+            if self.tensorboard is not None:
+                self.tensorboard.add_grid("samples", samples, self.step)
+                if pairs is not None:
+                    self.tensorboard.add_grid("reconstructions", pairs, self.step)
 
     def write_outputs(self, tag: str) -> None:
         """Grids, plots and checkpoint."""
@@ -445,6 +454,8 @@ class Run:
             state["scaler"] = self.precision.scaler.state_dict() if self.precision.scaler is not None else {}
             state["processes"] = self.replicas.world_size
             self.log.flush()
+            if self.tensorboard is not None:
+                self.tensorboard.flush()
             utils.write_checkpoint(state, self.out / "checkpoint.pt")
 
     def close(self) -> None:
@@ -453,6 +464,8 @@ class Run:
             self.bar.close()  # clears the progress line before any error message
         if self.log is not None:
             self.log.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def rank_0_first(replicas: Replicas, action: Callable[[], T], then_the_others: bool) -> T | None:

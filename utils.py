@@ -26,7 +26,8 @@ matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import save_image  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
 
 METRIC_FIELDS = [
     "step", "epoch", "loss_prior", "loss_llike", "loss_gan", "loss_dec_gan", "bce_real", "bce_fake",
@@ -72,10 +73,33 @@ def model_to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
 
 
+def grid_image(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """Images in [-1, 1] as one (3, H, W) grid in [0, 1]: rows of `nrow`, white lines between."""
+    return make_grid(model_to_unit(images), nrow=nrow, padding=2, pad_value=1.0)
+
+
 def write_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
     """Write images in [-1, 1] as one PNG grid."""
-    grid = model_to_unit(images)
-    write_atomic(path, lambda tmp: save_image(grid, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png"))
+    grid = grid_image(images, nrow)
+    write_atomic(path, lambda tmp: save_image(grid, tmp, format="png"))
+
+
+def grid_order(path: Path, steps_per_epoch: int) -> tuple[int, str]:
+    """Where a grid named epoch_NNN or step_NNNNNNN falls in training: its step, then its name."""
+    kind, _, number = path.stem.partition("_")
+    step = int(number) * (steps_per_epoch if kind == "epoch" else 1) if number.isdigit() else 0
+    return step, path.stem
+
+
+def write_evolution_gif(samples_dir: Path, steps_per_epoch: int) -> Path:
+    """samples/evolution.gif: every sample grid in `samples_dir`, in training order, one frame each."""
+    grids = sorted(samples_dir.glob("*.png"), key=lambda p: grid_order(p, steps_per_epoch))
+    frames = [Image.open(grid).convert("RGB").quantize(colors=256) for grid in grids]
+    durations = [400] * (len(frames) - 1) + [2000]  # milliseconds; the latest grid stays longest
+    path = samples_dir / "evolution.gif"
+    write_atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                  duration=durations, loop=0))
+    return path
 
 
 def interleave(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
@@ -244,6 +268,36 @@ class MetricsLog:
 
     def column(self, name: str) -> np.ndarray:
         return np.array([row.get(name, math.nan) for row in self.rows], dtype=float)
+
+
+class TensorBoardLog:
+    """<run>/tb for `tensorboard --logdir`: metrics.csv's columns as scalars, the grids as images.
+
+    A run resumed from step N starts its writer with purge_step N + 1, so TensorBoard drops what the
+    interrupted run logged after its checkpoint and the steps done again appear once.
+    """
+
+    def __init__(self, folder: Path, resumed_at: int | None):
+        from torch.utils.tensorboard import SummaryWriter  # optional: only --tensorboard needs the package
+        self.writer = SummaryWriter(str(folder), purge_step=None if resumed_at is None else resumed_at + 1)
+        self.last_grid_step: dict[str, int] = {}
+
+    def add_row(self, row: dict[str, float]) -> None:
+        for name, value in row.items():
+            if name != "step" and math.isfinite(value):
+                self.writer.add_scalar(name, value, int(row["step"]))
+
+    def add_grid(self, name: str, images: torch.Tensor, step: int) -> None:
+        """One image per step: an epoch's grid written at the step of a --sample-every grid is not added again."""
+        if self.last_grid_step.get(name) != step:
+            self.writer.add_image(name, grid_image(images), step)
+            self.last_grid_step[name] = step
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def format_row(row: dict[str, float]) -> dict[str, str]:

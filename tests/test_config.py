@@ -42,3 +42,12 @@ def test_amp_auto_is_bf16_where_the_cpu_has_bfloat16_matrix_units(monkeypatch, f
     assert config.resolve_amp("fp16", torch.device("cpu"))[0] == "fp16"  # an explicit --amp always wins
     forced, lines = parse("--amp", "off")
     assert forced.amp == "off" and "precision: float32 (--amp off)" in lines
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch):
+    real_find_spec = config.importlib.util.find_spec
+    monkeypatch.setattr(config.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "tensorboard" else real_find_spec(name, *args))
+    with pytest.raises(config.UsageError, match="pip install tensorboard"):
+        parse("--tensorboard")
+    assert parse()[0].tensorboard is False

@@ -314,3 +314,21 @@ def test_eval_every_needs_a_dataset_with_a_domain_classifier(tmp_path):
                      "--out", str(tmp_path / "run"), *TINY)
     assert result.returncode == 2 and "domain classifier" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_writes_its_evolution_gif_and_tensorboard_events(tmp_path, real_data):
+    """--sample-every 2 over 5 steps: grids at steps 2, 4 and the epoch's end, each a GIF frame and a TensorBoard image."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    result = run_cli("--data-root", str(real_data), "--out", str(out), "--max-steps", "5", "--sample-every", "2",
+                     "--tensorboard", *TINY)
+    assert result.returncode == 0, result.stderr
+    with Image.open(out / "samples" / "evolution.gif") as gif:
+        assert gif.n_frames == 3
+    events = event_accumulator.EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    with open(out / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert set(events.Tags()["scalars"]) == set(columns) - {"step"}
+    assert [e.step for e in events.Scalars("loss_llike")] == [1, 2, 3, 4, 5]
+    assert [e.step for e in events.Images("samples")] == [2, 4, 5]

@@ -69,3 +69,36 @@ def test_a_history_without_a_later_column_continues(tmp_path):
     assert [r["step"] for r in rows] == ["1", "2", "3"] and [r["loss_prior"] for r in rows] == ["1.5", "2.5", "3.5"]
     assert [r["data_wait"] for r in rows] == ["nan", "nan", "3.5"]
     assert np.isnan(log.column("data_wait")[:2]).all() and log.history()["data_wait"][2] == 3.5
+
+
+def test_evolution_gif_shows_every_grid_in_training_order(tmp_path):
+    """Named epoch_NNN and step_NNNNNNN, the grids sort by step, not by name: epoch 1 of 10 steps is step 10."""
+    colours = {"step_0000002": (255, 0, 0), "epoch_001": (0, 255, 0), "step_0000012": (0, 0, 255)}
+    for name, colour in colours.items():
+        Image.new("RGB", (20, 20), colour).save(tmp_path / f"{name}.png")
+    path = utils.write_evolution_gif(tmp_path, steps_per_epoch=10)
+    with Image.open(path) as gif:
+        seen = []
+        for frame in range(gif.n_frames):
+            gif.seek(frame)
+            seen.append(gif.convert("RGB").getpixel((10, 10)))
+    assert seen == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def test_tensorboard_log_keeps_one_event_per_step_across_a_resume(tmp_path):
+    """A run resumed from step 2 logs steps 3-4 again: TensorBoard shows each step once, with the new values."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    first = utils.TensorBoardLog(tmp_path, resumed_at=None)
+    for step in range(1, 5):
+        first.add_row({"step": step, "loss": 1.0, "missing": float("nan")})
+    first.add_grid("samples", torch.zeros(4, 1, 8, 8), 2)
+    first.add_grid("samples", torch.zeros(4, 1, 8, 8), 2)  # an epoch's grid at the same step: not added twice
+    first.close()
+    again = utils.TensorBoardLog(tmp_path, resumed_at=2)
+    for step in range(3, 5):
+        again.add_row({"step": step, "loss": 2.0})
+    again.close()
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+    assert "missing" not in events.Tags()["scalars"] and [e.step for e in events.Images("samples")] == [2]
