@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import main
@@ -91,7 +92,9 @@ def test_a_full_disk_while_writing_a_grid_keeps_the_grids_before_it(tmp_path, mo
     assert main.main(["--out", str(out), "--max-steps", "6", "--sample-every", "2", *TINY]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "written atomically" in err
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["evolution.gif", "step_0000002.png"]
+    with Image.open(out / "samples" / "evolution.gif") as gif:
+        assert gif.n_frames == 1  # the grid written before the disk filled
     assert not list(out.rglob(".*.tmp"))
 
 
