@@ -151,8 +151,8 @@ def test_unreadable_images_are_skipped_in_batches(tmp_path):
     splits = data.load_dataset("folder", tmp_path, image_size=16, channels=3)
     batches = data.Batches(splits.train, 4, 16, torch.device("cpu"), seed=0, num_workers=0)
     seen = list(batches.epoch(1))
-    assert sum(d for _, d in seen) == 2
-    assert sum(len(x) for x, _ in seen) == 6
+    assert sum(d for _, _, d in seen) == 2
+    assert sum(len(x) for x, _, _ in seen) == 6
 
 
 def test_in_memory_batches_are_shuffled_reproducibly_and_cover_the_epoch():
@@ -162,11 +162,11 @@ def test_in_memory_batches_are_shuffled_reproducibly_and_cover_the_epoch():
     assert len(batches) == 3  # the last partial batch is dropped
 
     def pixels(epoch):
-        return [x[:, 0, 0, 0] for x, _ in batches.epoch(epoch)]
+        return [x[:, 0, 0, 0] for x, _, _ in batches.epoch(epoch)]
 
     first = torch.cat(pixels(1))
     assert len(first.unique()) == 9 and first.min() >= -1 and first.max() <= 1
-    assert all(x.shape == (3, 1, 16, 16) for x, _ in batches.epoch(1))
+    assert all(x.shape == (3, 1, 16, 16) for x, _, _ in batches.epoch(1))
     assert torch.equal(first, torch.cat(pixels(1)))          # same seed and epoch: same order
     assert not torch.equal(first, torch.cat(pixels(2)))      # next epoch: reshuffled
 
@@ -178,14 +178,14 @@ def test_processes_get_disjoint_equal_shards_reshuffled_each_epoch(tmp_path):
     assert [len(b) for b in shards] == [3, 3]  # 10 images each (one dropped), 3 batches of 3
 
     def seen(batches, epoch):
-        return torch.cat([x[:, 0, 0, 0] for x, _ in batches.epoch(epoch)]).tolist()
+        return torch.cat([x[:, 0, 0, 0] for x, _, _ in batches.epoch(epoch)]).tolist()
 
     first = [seen(b, 1) for b in shards]
     assert len(set(first[0])) == len(set(first[1])) == 9 and not set(first[0]) & set(first[1])
     assert first == [seen(b, 1) for b in shards]                                  # reproducible
     assert [set(seen(b, 2)) for b in shards] != [set(s) for s in first]           # reshuffled across processes
     # A process resuming at batch 2 gets the rest of its own shard.
-    rest = [x for x, _ in shards[1].epoch(1, start=2)]
+    rest = [x for x, _, _ in shards[1].epoch(1, start=2)]
     assert len(rest) == 1 and rest[0][:, 0, 0, 0].tolist() == first[1][6:]
     # Image files: the same sampler decides each process's files.
     write_images(tmp_path, 8)

@@ -38,7 +38,7 @@ def test_precision_and_recall_tell_a_collapsed_generator_from_a_good_one():
 
 
 def test_classifier_shapes_and_any_input_size():
-    model = evaluate.DigitClassifier().eval()
+    model = evaluate.DomainClassifier().eval()
     predicted, features = evaluate.classify(model, torch.rand(7, 1, 32, 32) * 2 - 1)
     assert predicted.shape == (7,) and features.shape == (7, 128)
     predicted, features = evaluate.classify(model, torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8))

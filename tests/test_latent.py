@@ -63,7 +63,7 @@ def test_interpolation_endpoints_are_the_codes():
     nets = models.build_networks(models.NetworkConfig(image_size=16, width=0.125, latent_dim=8))
     captured = []
     original = latent.decode
-    latent.decode = lambda nets, z: (captured.append(z), original(nets, z))[1]
+    latent.decode = lambda nets, z, y=None: (captured.append(z), original(nets, z, y))[1]
     try:
         start, end = torch.zeros(2, 8), torch.ones(2, 8)
         latent.write_interpolation(nets, start, end, 3, __import__("pathlib").Path("/tmp/vaegan-test-interp"))
