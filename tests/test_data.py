@@ -219,3 +219,30 @@ def test_loader_workers_leave_stop_signals_to_the_training_process():
             "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); print('alive')")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr
+
+
+def test_conditional_batches_carry_each_image_s_label_vector():
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 1, 16, 16).contiguous()
+    split = data.TensorImages(images, torch.arange(12) % 3)
+    labels = data.Labels(("a", "b", "c"))
+    batches = data.Batches(split, 4, 16, torch.device("cpu"), seed=1, labels=labels)
+    for x, y, dropped in batches.epoch(1):
+        index = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()  # the pixel value is the image's index
+        assert torch.equal(y, torch.nn.functional.one_hot(index % 3, 3).float()) and dropped == 0
+    assert all(y is None for _, y, _ in data.Batches(split, 4, 16, torch.device("cpu"), seed=1).epoch(1))
+    attributes = data.Labels(("Smiling", "Male"), attributes=True)
+    assert attributes.vectors(torch.tensor([[True, False]])).tolist() == [[1.0, -1.0]]
+
+
+def test_a_folder_s_classes_are_its_sub_folders_and_reach_the_batches(tmp_path):
+    for index, name in enumerate(("cats", "dogs")):
+        write_images(tmp_path / name, 12, size=(20, 20), seed=index)
+    (tmp_path / "dogs" / "img_0003.png").write_bytes(b"broken")
+    splits = data.load_dataset("folder", tmp_path, image_size=16, channels=3, labels=True)
+    assert splits.labels == data.Labels(("cats", "dogs"))
+    assert splits.train.labels.tolist() == [0 if f.parent.name == "cats" else 1 for f in splits.train.files]
+    batches = data.Batches(splits.train, 4, 16, torch.device("cpu"), seed=0, num_workers=0, labels=splits.labels)
+    seen = list(batches.epoch(1))
+    assert [len(x) for x, _, _ in seen] == [len(y) for _, y, _ in seen]  # the unreadable file's label left out too
+    assert sum(len(x) + dropped for x, _, dropped in seen) == len(batches) * 4
+    assert data.load_dataset("folder", tmp_path, image_size=16, channels=3).labels is None  # only when asked
