@@ -121,7 +121,7 @@ def accuracy(model: DomainClassifier, images: torch.Tensor, targets: torch.Tenso
 
 
 def labelled_uint8(split: data.Split, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `count` images of a split as uint8 (file splits: at the size they were loaded with), and their labels."""
+    """The first `count` images of a split as uint8 (file splits: at the size they were loaded with), with labels."""
     if isinstance(split, data.TensorImages):
         return split.images[:count], split.labels[:count]
     images, labels = data.labelled_images(split, count, split.image_size)
@@ -268,7 +268,8 @@ def reconstruction_figures(nets: models.Networks, images: torch.Tensor,
 def run_description(cfg: config.TrainConfig, checkpoint: Path, step: int, num: int, batchnorm: str) -> dict:
     """What the figures of `evaluate_checkpoint` were measured on."""
     return {"checkpoint": str(checkpoint), "model": cfg.model, "dataset": cfg.dataset, "step": step,
-            "conditional": cfg.conditional, "samples": num, "reference": f"the first {num:,} images of the held-out split",
+            "conditional": cfg.conditional, "samples": num,
+            "reference": f"the first {num:,} images of the held-out split",
             "sampling_batchnorm": {"batch": f"batch statistics, {models.SAMPLE_BATCH} samples a batch",
                                    "running": "running statistics"}[batchnorm],
             "images": "quantised to uint8 before features are taken", "feature_networks": {}}
@@ -352,8 +353,9 @@ def train_on_generated(decoder: nn.Module, cfg: config.TrainConfig, labels: data
     test, test_labels = labelled_uint8(splits.heldout, CLASSIFIER_TEST_IMAGES)
     trained = {source: train_classifier(images, targets, labels.dim, TSTR_EPOCHS)
                for source, (images, targets) in {"generated": (generated, wanted), "real": (real, real_labels)}.items()}
-    return {"tstr_images": count, "tstr_real_images": len(real),
-            **{f"tstr_accuracy[trained_on_{source}]": accuracy(model, test, test_labels) for source, model in trained.items()}}
+    figures = {f"tstr_accuracy[trained_on_{source}]": accuracy(model, test, test_labels)
+               for source, model in trained.items()}
+    return {"tstr_images": count, "tstr_real_images": len(real), **figures}
 
 
 def generated_images(decoder: nn.Module, latent_dim: int, y: torch.Tensor, seed: int, batchnorm: str,

@@ -197,9 +197,9 @@ def load_run(checkpoint: str | Path,
     cfg = config.TrainConfig.from_saved(state["config"])
     labels = checkpoint_labels(state)
     if cfg.conditional != (labels is not None):
-        raise CheckpointError(f"{checkpoint_path(checkpoint)} says --conditional {cfg.conditional} but holds "
-                              f"{'no labels' if labels is None else 'labels'}; it is damaged or edited. Use a checkpoint "
-                              "written by this tool.")
+        holds = "no labels" if labels is None else "labels"
+        raise CheckpointError(f"{checkpoint_path(checkpoint)} says --conditional {cfg.conditional} but holds {holds}; "
+                              "it is damaged or edited. Use a checkpoint written by this tool.")
     nets = models.build_networks(cfg.network_config(labels.dim if labels else 0), "cpu", cfg.model)
     load_networks(state, nets)
     for module in nets.modules().values():
