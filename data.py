@@ -448,11 +448,6 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def heldout_images(split: Split, count: int, image_size: int) -> torch.Tensor:
-    """The first `count` readable held-out images in [-1, 1] (fixed, for reconstruction grids)."""
-    return labelled_images(split, count, image_size)[0]
-
-
 def labelled_images(split: Split, count: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first `count` readable images of a split in [-1, 1], and their labels (None where the split has none)."""
     if isinstance(split, TensorImages):

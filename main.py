@@ -302,8 +302,9 @@ class Run:
         """Weights, optimizers (with this run's --lr and --rmsprop-alpha), RNG, loss scale and position."""
         saved = utils.checkpoint_labels(state)
         if saved != self.labels:  # a folder dataset whose class sub-folders changed since the run began
-            raise UsageError(f"--resume: the run is conditioned on the labels {', '.join(saved.names)}, but its data "
-                             f"now has {', '.join(self.labels.names)}; restore the data the run was started with.")
+            names = [", ".join(labels.names) if labels else "none" for labels in (saved, self.labels)]
+            raise UsageError(f"--resume: the run is conditioned on the labels {names[0]}, but its data now has "
+                             f"{names[1]}; restore the data the run was started with.")
         utils.load_networks(state, self.nets)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
