@@ -105,6 +105,9 @@ class TrainConfig(LossConfig):
     width: float = setting(NetworkConfig.width, "multiplies every channel and hidden-unit count", "model", preset=True)
     recon_layer: int = setting(NetworkConfig.recon_layer, "discriminator convolution (1-4) whose output is Dis_l",
                                "model")
+    conditional: bool = setting(False, "condition the encoder, decoder and discriminator on the label: the class "
+                                "(mnist, fashion-mnist, cifar10, a folder's class sub-folders) or CelebA's 40 "
+                                "attributes", "model")
     batch_size: int = setting(64, "images per step", "training",
                               check=at_least(2, " images: BatchNorm needs two (the paper uses 64)"))
     lr: float = setting(3e-4, "RMSprop learning rate of all three networks", "training", resume=True,
@@ -144,8 +147,9 @@ class TrainConfig(LossConfig):
     tensorboard: bool = setting(False, "also write TensorBoard events in <run>/tb: every metrics.csv column and the "
                                 "grids (needs the tensorboard package)", "output", resume=True)
 
-    def network_config(self) -> NetworkConfig:
-        return NetworkConfig(self.image_size, self.channels, self.latent_dim, self.width, self.recon_layer)
+    def network_config(self, label_dim: int = 0) -> NetworkConfig:
+        """The networks' sizes; `label_dim`: the size of the label y of a conditional run."""
+        return NetworkConfig(self.image_size, self.channels, self.latent_dim, self.width, self.recon_layer, label_dim)
 
     def loss_config(self) -> LossConfig:
         return LossConfig(**{f.name: getattr(self, f.name) for f in fields(LossConfig)})
@@ -380,6 +384,21 @@ def output_folder(out: str | None, checkpoint: Path, command: str, writes: tuple
     if not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write into --out {folder}: {parent} is not writable; choose a writable folder.")
     return folder
+
+
+def check_labels(cfg: TrainConfig, splits: data.Splits) -> None:
+    """UsageError, before any work, for a --conditional run whose data has no labels to condition on
+    (a folder dataset needs class sub-folders, at least two, with every image in one)."""
+    if not cfg.conditional:
+        return
+    unlabelled = sum(int((split.labels < 0).sum()) for split in (splits.train, splits.heldout)
+                     if isinstance(split, data.ImageFiles) and split.labels.dim() == 1)
+    if splits.labels.dim < 2 or unlabelled:
+        found = (f"{splits.labels.dim} class sub-folder(s) ({', '.join(splits.labels.names[:5]) or 'none'})"
+                 + (f" and {unlabelled} image(s) outside them" if unlabelled else ""))
+        raise UsageError(f"--conditional needs labels, and {cfg.data_root} has {found}: a folder dataset's classes "
+                         "are the sub-folders of --data-root, each holding the images of one class, at least two. "
+                         "Sort the images into class folders, or leave --conditional out.")
 
 
 RUN_ENTRIES = ("config.json", "metrics.csv", "checkpoint.pt", "samples", "reconstructions", "plots")

@@ -52,10 +52,15 @@ class TensorImages:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """A split read from image files: each item is (image in [-1, 1], index or -1 if unreadable)."""
+    """A split read from image files: each item is (image in [-1, 1], index or -1 if unreadable).
 
-    def __init__(self, files: list[Path], channels: int, image_size: int, crop: int | None = None):
+    `labels`, when asked for: class indices (N,) (-1: the file is in no class folder) or CelebA's
+    attributes (N, 40) as booleans, row i for file i."""
+
+    def __init__(self, files: list[Path], channels: int, image_size: int, crop: int | None = None,
+                 labels: torch.Tensor | None = None):
         self.files, self.channels, self.image_size, self.crop = files, channels, image_size, crop
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.files)
@@ -81,11 +86,30 @@ class ImageFiles(torch.utils.data.Dataset):
 Split = TensorImages | ImageFiles
 
 
+@dataclass(frozen=True)
+class Labels:
+    """What a conditional run conditions on: classes (y is one-hot) or attributes (y is +1 or -1 for
+    each, CelebA's convention), by name."""
+    names: tuple[str, ...]
+    attributes: bool = False
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    def vectors(self, labels: torch.Tensor) -> torch.Tensor:
+        """A split's labels (class indices (N,), or attribute booleans (N, dim)) -> float label vectors y (N, dim)."""
+        if self.attributes:
+            return labels.float() * 2 - 1
+        return F.one_hot(labels.long(), self.dim).float()
+
+
 @dataclass
 class Splits:
     train: Split
     heldout: Split  # the test split where the dataset has one
     channels: int
+    labels: Labels | None = None  # when asked for: what the splits' labels name
 
 
 def uint8_to_model(images: torch.Tensor) -> torch.Tensor:
@@ -240,7 +264,7 @@ def load_cifar10(root: Path, **_: object) -> Splits:
 # File datasets (CelebA, folders)
 # ---------------------------------------------------------------------------
 
-def load_celeba(root: Path, image_size: int, **_: object) -> Splits:
+def load_celeba(root: Path, image_size: int, labels: bool = False, **_: object) -> Splits:
     folder = root / "celeba"
     expected = (f"CelebA needs the aligned images in {folder / 'img_align_celeba'}/ and the split list "
                 f"{folder / 'list_eval_partition.txt'} (both from the CelebA website's 'Align&Cropped Images' "
@@ -257,8 +281,17 @@ def load_celeba(root: Path, image_size: int, **_: object) -> Splits:
         raise DataError(f"{folder / 'list_eval_partition.txt'} is not CelebA's split list ({error}). {expected}") from error
     if not splits["0"] or not splits["2"]:
         raise DataError(f"{folder / 'list_eval_partition.txt'} lists no training or no test images. {expected}")
-    return Splits(ImageFiles(splits["0"], 3, image_size, CELEBA_CROP),
-                  ImageFiles(splits["2"], 3, image_size, CELEBA_CROP), channels=3)
+    if not labels:
+        return Splits(ImageFiles(splits["0"], 3, image_size, CELEBA_CROP),
+                      ImageFiles(splits["2"], 3, image_size, CELEBA_CROP), channels=3)
+    (names, train), (_, heldout) = (attribute_files(root, splits[part], image_size) for part in ("0", "2"))
+    return Splits(train, heldout, channels=3, labels=Labels(tuple(names), attributes=True))
+
+
+def attribute_files(root: Path, files: list[Path], image_size: int) -> tuple[list[str], ImageFiles]:
+    """The attribute names and a split of those `files` that CelebA's attribute list labels."""
+    names, attributes, keep = celeba_attributes(root, files)
+    return names, ImageFiles([files[i] for i in keep], 3, image_size, CELEBA_CROP, attributes)
 
 
 def celeba_attributes(root: Path, files: list[Path]) -> tuple[list[str], torch.Tensor, list[int]]:
@@ -280,7 +313,15 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def load_folder(root: Path, image_size: int, channels: int, **_: object) -> Splits:
+def folder_classes(root: Path, files: list[Path]) -> tuple[tuple[str, ...], torch.Tensor]:
+    """The class names (the sub-folders of `root` that hold images, sorted) and each file's class
+    index, -1 for a file directly in `root`."""
+    tops = [f.relative_to(root).parts[0] if len(f.relative_to(root).parts) > 1 else None for f in files]
+    names = tuple(sorted({top for top in tops if top is not None}))
+    return names, torch.tensor([names.index(top) if top is not None else -1 for top in tops], dtype=torch.long)
+
+
+def load_folder(root: Path, image_size: int, channels: int, labels: bool = False, **_: object) -> Splits:
     if not root.is_dir():
         raise DataError(f"the image folder {root} does not exist; point --data-root at a folder of images "
                         f"({', '.join(IMAGE_EXTENSIONS)}), searched recursively.")
@@ -295,9 +336,13 @@ def load_folder(root: Path, image_size: int, channels: int, **_: object) -> Spli
     if not any(every[i][1] >= 0 for i in range(len(files))):
         raise DataError(f"none of the {len(files)} image files in {root} could be read (all corrupt or "
                         "not images); check the files or point --data-root elsewhere.")
-    heldout = files[::20] if len(files) >= 20 else files  # every 20th image, or all of a tiny folder
-    train = [f for i, f in enumerate(files) if i % 20] if len(files) >= 20 else files
-    return Splits(ImageFiles(train, channels, image_size), ImageFiles(heldout, channels, image_size), channels)
+    every = range(len(files))
+    heldout = [i for i in every if i % 20 == 0] if len(files) >= 20 else list(every)  # or all of a tiny folder
+    train = [i for i in every if i % 20] if len(files) >= 20 else list(every)
+    names, classes = folder_classes(root, files) if labels else ((), None)
+    train, heldout = (ImageFiles([files[i] for i in part], channels, image_size,
+                                 labels=classes[part] if labels else None) for part in (train, heldout))
+    return Splits(train, heldout, channels, Labels(names) if labels else None)
 
 
 @dataclass(frozen=True)
@@ -307,27 +352,35 @@ class DatasetSpec:
     description: str
     classes: int | None = None  # class labels 0..classes-1, if it has them
     domain_classifier: bool = False  # evaluate.py trains a classifier on it to score samples
+    label_classifier: bool = False  # evaluate.py trains a classifier of its labels to score conditional samples
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(load_mnist, 1, "MNIST digits, 60k/10k, shipped with the tool", 10, domain_classifier=True),
+    "mnist": DatasetSpec(load_mnist, 1, "MNIST digits, 60k/10k, shipped with the tool", 10, domain_classifier=True,
+                         label_classifier=True),
     "fashion-mnist": DatasetSpec(load_fashion_mnist, 1, "Fashion-MNIST, 60k/10k, downloaded on first use", 10,
-                                 domain_classifier=True),
+                                 domain_classifier=True, label_classifier=True),
     "cifar10": DatasetSpec(load_cifar10, 3, "CIFAR-10, 50k/10k, downloaded on first use", 10),
-    "celeba": DatasetSpec(load_celeba, 3, "CelebA aligned faces, 163k/20k, files under <data root>/celeba"),
+    "celeba": DatasetSpec(load_celeba, 3, "CelebA aligned faces, 163k/20k, files under <data root>/celeba",
+                          label_classifier=True),
     "folder": DatasetSpec(load_folder, None, "every image below --data-root; every 20th is held out"),
 }
 
 
 def load_dataset(name: str, root: str | Path, image_size: int, channels: int = 1,
-                 say: Callable[[str], None] = print) -> Splits:
+                 say: Callable[[str], None] = print, labels: bool = False) -> Splits:
     """Load a dataset from the table; DataError if its files are missing or broken, or if the data
-    root is a file. `say` prints a note (the bundled MNIST used instead of the data root's)."""
+    root is a file. `say` prints a note (the bundled MNIST used instead of the data root's).
+    `labels`: also what a conditional run conditions on (Splits.labels, and the file splits' labels)."""
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise DataError(f"--data-root {root} is a file; give the folder that holds the dataset (or, for "
                         "--dataset folder, the folder of images).")
-    return DATASETS[name].load(root=root, image_size=image_size, channels=channels, say=say)
+    spec = DATASETS[name]
+    splits = spec.load(root=root, image_size=image_size, channels=channels, say=say, labels=labels)
+    if labels and spec.classes:
+        splits.labels = Labels(tuple(str(c) for c in range(spec.classes)))
+    return splits
 
 
 # ---------------------------------------------------------------------------
@@ -345,13 +398,15 @@ class Batches:
 
     Under torchrun each of the `world_size` processes gets its own disjoint shard of every
     epoch (torch's DistributedSampler: every world_size-th index of the epoch's permutation).
-    Yields (images in [-1, 1] on `device`, number of unreadable files skipped).
+    Yields (images in [-1, 1] on `device`, their label vectors y or None, number of unreadable
+    files skipped); y is given for `labels` (a conditional run).
     """
 
     def __init__(self, split: Split, batch_size: int, image_size: int, device: torch.device,
-                 seed: int, num_workers: int = 2, rank: int = 0, world_size: int = 1):
+                 seed: int, num_workers: int = 2, rank: int = 0, world_size: int = 1, labels: Labels | None = None):
         self.split, self.batch_size, self.image_size = split, batch_size, image_size
         self.device, self.num_workers = device, num_workers
+        self.vectors = labels.vectors(split.labels).to(device) if labels is not None else None
         # Every process gets as many images as the others (drop_last), so all take the same number of steps.
         self.sampler = torch.utils.data.DistributedSampler(split, num_replicas=world_size, rank=rank, shuffle=True,
                                                            seed=seed * 1_000_003, drop_last=True)
@@ -366,12 +421,15 @@ class Batches:
         self.sampler.set_epoch(epoch)
         return torch.tensor(list(self.sampler), dtype=torch.long)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, int]]:
+    def labels_of(self, indices: torch.Tensor) -> torch.Tensor | None:
+        return self.vectors[indices.to(self.device)] if self.vectors is not None else None
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
         """The batches of `epoch` from batch number `start` on (to resume inside an epoch)."""
         order = self.order(epoch)[start * self.batch_size: len(self) * self.batch_size]
         if self.images is not None:
             for indices in order.to(self.device).split(self.batch_size):
-                yield resize(uint8_to_model(self.images[indices]), self.image_size), 0
+                yield resize(uint8_to_model(self.images[indices]), self.image_size), self.labels_of(indices), 0
             return
         loader = torch.utils.data.DataLoader(
             self.split, batch_size=self.batch_size, sampler=order.tolist(), num_workers=self.num_workers,
@@ -380,7 +438,7 @@ class Batches:
         )
         for images, indices in loader:
             images, dropped = drop_unreadable(images, indices)
-            yield images.to(self.device, non_blocking=True), dropped
+            yield images.to(self.device, non_blocking=True), self.labels_of(indices[indices >= 0]), dropped
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -390,9 +448,12 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def heldout_images(split: Split, count: int, image_size: int) -> torch.Tensor:
-    """The first `count` readable held-out images in [-1, 1] (fixed, for reconstruction grids)."""
+def labelled_images(split: Split, count: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first `count` readable images of a split in [-1, 1], and their labels (None where the split has none)."""
     if isinstance(split, TensorImages):
-        return resize(uint8_to_model(split.images[:count].cpu()), image_size)
-    images = [img for img, index in (split[i] for i in range(min(len(split), 4 * count))) if index >= 0]
-    return torch.stack(images[:count]) if images else torch.zeros(0, split.channels, image_size, image_size)
+        return resize(uint8_to_model(split.images[:count].cpu()), image_size), split.labels[:count]
+    items = [(img, index) for img, index in (split[i] for i in range(min(len(split), 4 * count))) if index >= 0][:count]
+    if not items:
+        return torch.zeros(0, split.channels, image_size, image_size), None
+    labels = split.labels[[index for _, index in items]] if split.labels is not None else None
+    return torch.stack([img for img, _ in items]), labels

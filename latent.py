@@ -23,28 +23,89 @@ from models import Networks
 
 
 @torch.no_grad()
-def encode(nets: Networks, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Posterior means of q(z|x), in batches."""
-    return torch.cat([nets.encoder(chunk)[0] for chunk in images.split(batch)])
+def encode(nets: Networks, images: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+    """Posterior means of q(z|x) (q(z|x, y) with label vectors `y`), in batches."""
+    labels = y.split(batch) if y is not None else [None] * len(images.split(batch))
+    return torch.cat([nets.encoder(chunk, label)[0] for chunk, label in zip(images.split(batch), labels)])
 
 
-def decode(nets: Networks, z: torch.Tensor) -> torch.Tensor:
-    """Images from codes, BatchNorm with batch statistics (as the training grids are drawn)."""
-    return models.decode_with_batch_statistics(nets.decoder, z)
+def decode(nets: Networks, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Images from codes (and labels), BatchNorm with batch statistics (as the training grids are drawn)."""
+    return models.decode_with_batch_statistics(nets.decoder, z, y)
 
 
 def heldout_split(cfg: TrainConfig, data_root: str | None) -> data.Split:
-    return data.load_dataset(cfg.dataset, data_root or cfg.data_root, cfg.image_size, cfg.channels).heldout
+    """The run's held-out split; with its labels for a conditional run."""
+    return data.load_dataset(cfg.dataset, data_root or cfg.data_root, cfg.image_size, cfg.channels,
+                             labels=cfg.conditional).heldout
 
 
 def heldout_batch(split: data.Split, count: int, cfg: TrainConfig, device: torch.device,
                   option: str = "--num") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The first `count` held-out images in [-1, 1] and their labels (None for file datasets); a
-    note says so when the split has fewer (`option` names the count asked for)."""
-    images = data.heldout_images(split, count, cfg.image_size).to(device)
-    labels = split.labels[:count] if isinstance(split, data.TensorImages) else None
+    """The first `count` held-out images in [-1, 1] and their labels (None for file datasets loaded
+    without); a note says so when the split has fewer (`option` names the count asked for)."""
+    images, labels = data.labelled_images(split, count, cfg.image_size)
     say_if_fewer(len(images), count, option, "held-out images")
-    return images, labels
+    return images.to(device), labels
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """--label and --attributes: what a conditional checkpoint is asked to draw."""
+    parser.add_argument("--label", metavar="CLASS", help=config.with_default(
+        "conditional checkpoints of classes: every image's class, by index or name", "the held-out images' own"))
+    parser.add_argument("--attributes", metavar="NAME=0|1,...", help=config.with_default(
+        "conditional CelebA checkpoints: attributes every image has (1) or lacks (0), the others the held-out "
+        "images' own", "the held-out images' own"))
+
+
+def label_request(args: argparse.Namespace, labels: data.Labels | None, checkpoint: str) -> dict[int, float]:
+    """--label or --attributes as {position in y: value}; UsageError for a question the checkpoint
+    cannot answer (a label for an unconditional checkpoint, attributes for one of classes, or back)."""
+    asked = "--label" if args.label is not None else "--attributes" if args.attributes is not None else None
+    if asked is None:
+        return {}
+    if labels is None:
+        raise UsageError(f"{asked} asks for images of given labels, but {checkpoint} was trained without "
+                         f"--conditional: its networks take no label. Leave {asked} out, or use the checkpoint of "
+                         "a run trained with --conditional.")
+    if labels.attributes != (asked == "--attributes"):
+        kind, right = ("attributes", "--attributes NAME=0|1,...") if labels.attributes else ("classes", "--label CLASS")
+        raise UsageError(f"{asked} does not fit {checkpoint}, which is conditioned on {kind}; use {right}.")
+    if asked == "--label":
+        if args.label in labels.names or (args.label.isdigit() and int(args.label) < labels.dim):
+            return {labels.names.index(args.label) if args.label in labels.names else int(args.label): 1.0}
+        raise UsageError(f"--label {args.label} is not a class of {checkpoint}; its classes are "
+                         f"{', '.join(labels.names)} (by name, or by index 0..{labels.dim - 1}).")
+    request = {}
+    for item in args.attributes.split(","):
+        name, _, value = (part.strip() for part in item.partition("="))
+        if name not in labels.names or value not in ("0", "1"):
+            raise UsageError(f"--attributes {item.strip()!r} is not NAME=1 or NAME=0 for one of the checkpoint's "
+                             f"attributes: {', '.join(labels.names)}.")
+        request[labels.names.index(name)] = 1.0 if value == "1" else -1.0
+    return request
+
+
+def label_vectors(labels: data.Labels, request: dict[int, float], count: int,
+                  known: torch.Tensor | None) -> torch.Tensor:
+    """The label vectors y of `count` images: --label's class for all; else the images' `known` labels
+    with the --attributes asked for set (without known labels the others are 0, neither has nor lacks)."""
+    if request and not labels.attributes:
+        return labels.vectors(torch.full((count,), next(iter(request))))
+    y = labels.vectors(known) if known is not None else torch.zeros(count, labels.dim)
+    for position, value in request.items():
+        y[:, position] = value
+    return y
+
+
+def heldout_labels(cfg: TrainConfig, args: argparse.Namespace, labels: data.Labels, request: dict[int, float],
+                   count: int) -> torch.Tensor:
+    """y for `count` new images: --label's class, or the labels of the first held-out images (again from
+    the first where `count` is larger) with --attributes set."""
+    if request and not labels.attributes:
+        return label_vectors(labels, request, count, None)
+    known = heldout_split(cfg, args.data_root).labels
+    return label_vectors(labels, request, count, known[torch.arange(count) % len(known)])
 
 
 def say_if_fewer(got: int, asked: int, option: str, what: str) -> None:
@@ -73,13 +134,19 @@ def read_images(paths: list[str], cfg: TrainConfig, device: torch.device) -> tor
     return torch.stack(images).to(device)
 
 
-def write_samples(nets: Networks, cfg: TrainConfig, out: Path, num: int, individual: bool, seed: int) -> list[Path]:
-    """`num` prior samples: a grid, an .npz of the array in [0, 1] and, if asked, one PNG each."""
+def write_samples(nets: Networks, cfg: TrainConfig, out: Path, num: int, individual: bool, seed: int,
+                  y: torch.Tensor | None = None) -> list[Path]:
+    """`num` prior samples (for label vectors `y`, conditional checkpoints): a grid, an .npz of the
+    array in [0, 1] (and the labels) and, if asked, one PNG each."""
+    device = next(nets.decoder.parameters()).device
     z = torch.randn(num, cfg.latent_dim, generator=torch.Generator().manual_seed(seed))
-    images = decode(nets, z.to(next(nets.decoder.parameters()).device))
+    images = decode(nets, z.to(device), y.to(device) if y is not None else None)
     written = [out / "samples.png", out / "samples.npz"]
     utils.write_grid(images, written[0], nrow=max(1, int(np.ceil(np.sqrt(num)))))
-    utils.write_npz(written[1], images=utils.model_to_unit(images).numpy())
+    arrays = {"images": utils.model_to_unit(images).numpy()}
+    if y is not None:
+        arrays["labels"] = y.numpy()
+    utils.write_npz(written[1], **arrays)
     if individual:
         for index, image in enumerate(images):
             written.append(out / "individual" / f"sample_{index:05d}.png")
@@ -88,9 +155,11 @@ def write_samples(nets: Networks, cfg: TrainConfig, out: Path, num: int, individ
 
 
 def write_reconstructions(nets: Networks, images: torch.Tensor, labels: torch.Tensor | None,
-                          out: Path) -> list[Path]:
-    """Images beside their reconstructions Dec(mean of q(z|x)): a grid and an .npz."""
-    recon = torch.cat([models.reconstruct(nets, chunk) for chunk in images.split(256)])
+                          out: Path, y: torch.Tensor | None = None) -> list[Path]:
+    """Images beside their reconstructions Dec(mean of q(z|x)) (with label vectors `y`, conditional
+    checkpoints): a grid and an .npz."""
+    ys = y.to(images.device).split(256) if y is not None else [None] * len(images.split(256))
+    recon = torch.cat([models.reconstruct(nets, chunk, label) for chunk, label in zip(images.split(256), ys)])
     written = [out / "reconstructions.png", out / "reconstructions.npz"]
     utils.write_grid(utils.interleave(images[:64], recon[:64]), written[0])
     arrays = {"originals": utils.model_to_unit(images).numpy(), "reconstructions": utils.model_to_unit(recon).numpy()}
@@ -100,11 +169,18 @@ def write_reconstructions(nets: Networks, images: torch.Tensor, labels: torch.Te
     return written
 
 
-def write_interpolation(nets: Networks, start: torch.Tensor, end: torch.Tensor, steps: int, out: Path) -> list[Path]:
-    """One row per (start, end) code pair: `steps` evenly spaced points on the line between them."""
+def line(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """(P, D) starts and ends -> (P * steps, D): `steps` evenly spaced points from each start to its end."""
     weights = torch.linspace(0, 1, steps, device=start.device)[None, :, None]           # (1, K, 1)
-    line = (1 - weights) * start[:, None, :] + weights * end[:, None, :]                 # (P, K, latent)
-    images = decode(nets, line.flatten(0, 1))
+    return ((1 - weights) * start[:, None, :] + weights * end[:, None, :]).flatten(0, 1)
+
+
+def write_interpolation(nets: Networks, start: torch.Tensor, end: torch.Tensor, steps: int, out: Path,
+                        labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Path]:
+    """One row per (start, end) code pair: `steps` evenly spaced points on the line between them; a
+    conditional checkpoint's label vectors walk the line between their (start, end) `labels` too."""
+    y = line(*labels, steps) if labels is not None else None
+    images = decode(nets, line(start, end, steps), y)
     path = out / "interpolation.png"
     utils.write_grid(images, path, nrow=steps)
     return [path]
@@ -161,29 +237,33 @@ WRITES = {
 
 
 def open_run(args: argparse.Namespace, command: str,
-             needs_encoder: bool) -> tuple[TrainConfig, Networks, torch.device, Path]:
-    """The checks every command makes before its work (device, --out, checkpoint), then the run's networks."""
+             needs_encoder: bool) -> tuple[TrainConfig, Networks, torch.device, Path, data.Labels | None]:
+    """The checks every command makes before its work (device, --out, checkpoint), then the run's
+    networks and its labels (None: unconditional)."""
     device = config.resolve_device(args.device)
     checkpoint = utils.checkpoint_path(args.checkpoint)
     out = config.output_folder(args.out, checkpoint, command, WRITES[command])
     config.check_data_root(args.data_root)
-    cfg, nets, _ = utils.load_run(checkpoint, device)
+    cfg, nets, _, labels = utils.load_run(checkpoint, device)
     if needs_encoder and nets.encoder is None:
         raise UsageError(f"`{command}` needs an encoder, and a --model {cfg.model} checkpoint has none; "
                          "use a checkpoint of vaegan, vae or vae-disl.")
     torch.manual_seed(args.seed)
-    return cfg, nets, device, out
+    return cfg, nets, device, out, labels
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     config.add_checkpoint_arguments(parser)
     parser.add_argument("--num", type=config.count(1), default=64, help=config.with_default("how many samples", 64))
     parser.add_argument("--individual", action="store_true", help=config.with_default("also one PNG per sample", "off"))
+    add_label_arguments(parser)
 
 
 def sample_command(args: argparse.Namespace) -> list[Path]:
-    cfg, nets, _, out = open_run(args, "sample", needs_encoder=False)
-    return write_samples(nets, cfg, out, args.num, args.individual, args.seed)
+    cfg, nets, _, out, labels = open_run(args, "sample", needs_encoder=False)
+    request = label_request(args, labels, args.checkpoint)
+    y = heldout_labels(cfg, args, labels, request, args.num) if labels is not None else None
+    return write_samples(nets, cfg, out, args.num, args.individual, args.seed, y)
 
 
 def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
@@ -192,14 +272,21 @@ def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
                         help=config.with_default("how many held-out images", 64))
     parser.add_argument("--images", nargs="+", metavar="PATH",
                         help=config.with_default("image files or folders instead of held-out images", "none"))
+    add_label_arguments(parser)
 
 
 def reconstruct_command(args: argparse.Namespace) -> list[Path]:
-    cfg, nets, device, out = open_run(args, "reconstruct", needs_encoder=True)
+    cfg, nets, device, out, labels = open_run(args, "reconstruct", needs_encoder=True)
+    request = label_request(args, labels, args.checkpoint)
+    if args.images and labels is not None and not request:
+        raise UsageError(f"{args.checkpoint} is conditional, and image files have no labels: say which with "
+                         f"{'--attributes NAME=0|1,...' if labels.attributes else '--label CLASS'}.")
     if args.images:
-        return write_reconstructions(nets, read_images(args.images, cfg, device), None, out)
-    images, labels = heldout_batch(heldout_split(cfg, args.data_root), args.num, cfg, device)
-    return write_reconstructions(nets, images, labels, out)
+        images, known = read_images(args.images, cfg, device), None
+    else:
+        images, known = heldout_batch(heldout_split(cfg, args.data_root), args.num, cfg, device)
+    y = label_vectors(labels, request, len(images), known) if labels is not None else None
+    return write_reconstructions(nets, images, known, out, y)
 
 
 def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,22 +296,28 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
                         help=config.with_default("images per row, endpoints included", 10))
     parser.add_argument("--prior", action="store_true",
                         help=config.with_default("endpoints drawn from the prior instead of encoded images", "off"))
+    add_label_arguments(parser)
 
 
 def interpolate_command(args: argparse.Namespace) -> list[Path]:
-    cfg, nets, device, out = open_run(args, "interpolate", needs_encoder=not args.prior)
+    """Conditional checkpoints: encoded endpoints keep their images' labels, prior ones take those of
+    the first held-out images; --label or --attributes sets them for every endpoint."""
+    cfg, nets, device, out, labels = open_run(args, "interpolate", needs_encoder=not args.prior)
+    request = label_request(args, labels, args.checkpoint)
     if args.prior:
         codes = torch.randn(2, args.pairs, cfg.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-        start, end = codes.to(device)
+        z = codes.to(device).flatten(0, 1)
+        y = heldout_labels(cfg, args, labels, request, len(z)).to(device) if labels is not None else None
     else:
-        images, _ = heldout_batch(heldout_split(cfg, args.data_root), 2 * args.pairs, cfg, device,
-                                  "--pairs (two images each)")
+        images, known = heldout_batch(heldout_split(cfg, args.data_root), 2 * args.pairs, cfg, device,
+                                      "--pairs (two images each)")
         if len(images) < 2:
             raise UsageError("interpolation needs at least two held-out images; use --prior instead.")
-        z = encode(nets, images)
-        half = len(z) // 2
-        start, end = z[:half], z[half:2 * half]
-    return write_interpolation(nets, start, end, args.steps, out)
+        y = label_vectors(labels, request, len(images), known).to(device) if labels is not None else None
+        z = encode(nets, images, y)
+    half = len(z) // 2
+    ends = (y[:half], y[half:2 * half]) if y is not None else None
+    return write_interpolation(nets, z[:half], z[half:2 * half], args.steps, out, ends)
 
 
 def add_attributes_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,7 +341,12 @@ def attributes_command(args: argparse.Namespace) -> list[Path]:
     if args.labels and not Path(args.labels).expanduser().is_file():
         raise UsageError(f"--labels {args.labels} is not a file; give a CSV filename,attr1,attr2,... of the "
                          "dataset's images.")
-    cfg, nets, device, out = open_run(args, "attributes", needs_encoder=True)
+    cfg, nets, device, out, labels = open_run(args, "attributes", needs_encoder=True)
+    if labels is not None:
+        raise UsageError(f"`attributes` finds vectors in z, but {args.checkpoint} is conditional: its classes or "
+                         "attributes are an input of the networks, not directions in z. Ask for them directly: "
+                         "`sample --label CLASS` (or --attributes NAME=0|1,...), or `reconstruct --label` to redraw "
+                         "held-out images with another label.")
     check_classes(cfg, args)
     root = Path(args.data_root or cfg.data_root).expanduser()
     splits = data.load_dataset(cfg.dataset, root, cfg.image_size, cfg.channels)

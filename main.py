@@ -38,6 +38,7 @@ from config import TrainConfig, UsageError
 from distributed import SINGLE, Replicas
 
 SAMPLE_GRID = 64          # prior samples in each sample grid (8x8)
+GRID_COLUMNS = 8          # samples in each row of a grid
 RECONSTRUCTION_PAIRS = 32  # held-out images (and their reconstructions) in each reconstruction grid
 TIMING_STEPS = 10          # report the measured step time after this many steps
 EVAL_SAMPLES = 2000        # prior samples (and held-out images) behind each --eval-every measurement
@@ -240,7 +241,7 @@ class Run:
         if replicas.rank > 0:  # its own noise (eps, z_p) in every other process
             seed_everything(cfg.seed + 1_000_003 * replicas.rank + self.step)
         self.quality = (evaluate.SampleQuality(cfg.dataset, Path(cfg.data_root).expanduser(), self.splits.heldout,
-                                               EVAL_SAMPLES, cfg.image_size)
+                                               EVAL_SAMPLES, cfg.image_size, self.labels)
                         if cfg.eval_every and replicas.is_main else None)
         if replicas.is_main:
             self.log = utils.MetricsLog(self.out / "metrics.csv", resume["history"] if resume else None,
@@ -259,20 +260,26 @@ class Run:
             raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU. Leave it out "
                              "(each process then normalises by the statistics of its own batch).")
         self.splits = rank_0_first(replicas, lambda: data.load_dataset(cfg.dataset, cfg.data_root, cfg.image_size,
-                                                                       cfg.channels, self.say), then_the_others=True)
+                                                                       cfg.channels, self.say, cfg.conditional),
+                                   then_the_others=True)
+        config.check_labels(cfg, self.splits)
+        self.labels = self.splits.labels if cfg.conditional else None  # what y names; None: unconditional
         self.batches = data.Batches(self.splits.train, cfg.batch_size, cfg.image_size, self.device, cfg.seed,
-                                    cfg.num_workers, replicas.rank, replicas.world_size)
+                                    cfg.num_workers, replicas.rank, replicas.world_size, self.labels)
         if len(self.batches) == 0:
             each = f" for each of {replicas.world_size} processes" if replicas.active else ""
             raise UsageError(f"the training split has {len(self.splits.train)} images, fewer than --batch-size "
                              f"{cfg.batch_size}{each}; lower --batch-size or add images.")
-        self.heldout = data.heldout_images(self.splits.heldout, RECONSTRUCTION_PAIRS, cfg.image_size).to(self.device)
+        heldout, heldout_labels = data.labelled_images(self.splits.heldout, RECONSTRUCTION_PAIRS, cfg.image_size)
+        self.heldout = heldout.to(self.device)
+        self.heldout_y = self.labels.vectors(heldout_labels).to(self.device) if self.labels else None
 
     def build(self) -> None:
         """The networks (the same initial weights in every process), optimizers and the step's fast paths."""
         cfg = self.cfg
         seed_everything(cfg.seed)
-        self.nets = models.build_networks(cfg.network_config(), self.device, cfg.model)
+        self.nets = models.build_networks(cfg.network_config(self.labels.dim if self.labels else 0), self.device,
+                                          cfg.model)
         self.notes = [distributed.convert_sync_batchnorm(self.nets, self.replicas)] if cfg.sync_bn else []
         self.optimizers = step.build_optimizers(self.nets, cfg.lr, cfg.rmsprop_alpha)
         self.step_nets, self.precision, fast_path_notes = step.fast_paths(
@@ -280,18 +287,24 @@ class Run:
         self.notes = fast_path_notes + self.notes
         self.layout = kernels.memory_format(cfg.channels_last)
         self.loss_cfg = cfg.loss_config()
-        self.fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim,
-                                   generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
+        self.fixed_z, self.fixed_y = (t.to(self.device) if t is not None else None
+                                      for t in fixed_codes(cfg, self.labels, self.heldout_y))
 
     def write_config(self) -> None:
         if self.replicas.is_main:
             counts = {name: models.count_parameters(m) for name, m in self.nets.modules().items()}
             utils.write_json({**asdict(self.cfg), "torch_version": torch.__version__, "parameters": counts,
+                              "labels": list(self.labels.names) if self.labels else None,
                               "processes": self.replicas.world_size, "grad_sync": self.replicas.grad_sync,
                               "device_name": device_name(self.device)}, self.out / "config.json")
 
     def restore(self, state: dict) -> None:
         """Weights, optimizers (with this run's --lr and --rmsprop-alpha), RNG, loss scale and position."""
+        saved = utils.checkpoint_labels(state)
+        if saved != self.labels:  # a folder dataset whose class sub-folders changed since the run began
+            names = [", ".join(labels.names) if labels else "none" for labels in (saved, self.labels)]
+            raise UsageError(f"--resume: the run is conditioned on the labels {names[0]}, but its data now has "
+                             f"{names[1]}; restore the data the run was started with.")
         utils.load_networks(state, self.nets)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
@@ -335,8 +348,8 @@ class Run:
         try:
             for self.epoch in range(self.epoch, self.cfg.epochs + 1):
                 self.start_epoch()
-                for x, wait in self.epoch_batches_left():          # fetch
-                    row = self.train_one_step(x, wait)              # step
+                for x, y, wait in self.epoch_batches_left():       # fetch
+                    row = self.train_one_step(x, y, wait)           # step
                     if self.quality and self.step % self.cfg.eval_every == 0:
                         row |= self.quality.measure(self.nets.decoder, self.cfg.latent_dim, self.device)
                     self.record(row)                                # log
@@ -364,24 +377,24 @@ class Run:
         self.bar = tqdm(total=left, desc=f"epoch {self.epoch}/{self.cfg.epochs}", unit="step", dynamic_ncols=True,
                         leave=False, disable=not self.replicas.is_main)
 
-    def epoch_batches_left(self) -> Iterator[tuple[torch.Tensor, float]]:
-        """This epoch's batches until it ends or the run has taken all its steps, with the seconds
-        spent waiting for each; a batch too small for BatchNorm is skipped (by every process)."""
+    def epoch_batches_left(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, float]]:
+        """This epoch's batches (images, labels or None) until it ends or the run has taken all its steps,
+        with the seconds spent waiting for each; a batch too small for BatchNorm is skipped (by every process)."""
         batches = self.batches.epoch(self.epoch, self.position)
         while self.step < self.total_steps:
             wait_start = time.perf_counter()
-            x, dropped = next(batches, (None, 0))
+            x, y, dropped = next(batches, (None, None, 0))
             if x is None:
                 return
             self.skipped += dropped
             self.position += 1
             if not self.replicas.any(len(x) < 2):
-                yield x.contiguous(memory_format=self.layout), time.perf_counter() - wait_start
+                yield x.contiguous(memory_format=self.layout), y, time.perf_counter() - wait_start
 
-    def train_one_step(self, x: torch.Tensor, wait: float) -> dict[str, float]:
+    def train_one_step(self, x: torch.Tensor, y: torch.Tensor | None, wait: float) -> dict[str, float]:
         start = time.perf_counter()
         row = step.train_step(self.step_nets, self.optimizers, x, self.loss_cfg, precision=self.precision,
-                              replicas=self.replicas)
+                              replicas=self.replicas, labels=y)
         self.step += 1
         check_finite(row, self.cfg.model, self.step, self.out / "checkpoint.pt")
         return {"step": self.step, "epoch": self.epoch, **row, "sec_per_step": time.perf_counter() - start,
@@ -427,9 +440,10 @@ class Run:
         with SyncBatchNorm every process computes them (its statistics gather over all processes)."""
         if not (self.replicas.is_main or self.cfg.sync_bn):
             return
-        samples = models.decode_with_batch_statistics(self.nets.decoder, self.fixed_z)
+        samples = models.decode_with_batch_statistics(self.nets.decoder, self.fixed_z, self.fixed_y)
         has_pairs = len(self.heldout) and self.nets.encoder is not None
-        pairs = utils.interleave(self.heldout, models.reconstruct(self.nets, self.heldout)) if has_pairs else None
+        pairs = (utils.interleave(self.heldout, models.reconstruct(self.nets, self.heldout, self.heldout_y))
+                 if has_pairs else None)
         if self.replicas.is_main:
             utils.write_grid(samples, self.out / "samples" / f"{tag}.png")
             utils.write_evolution_gif(self.out / "samples", len(self.batches))
@@ -453,6 +467,8 @@ class Run:
             state = utils.checkpoint_state(self.nets, self.optimizers, self.cfg, position, self.log.history())
             state["scaler"] = self.precision.scaler.state_dict() if self.precision.scaler is not None else {}
             state["processes"] = self.replicas.world_size
+            if self.labels is not None:
+                state["labels"] = {"names": list(self.labels.names), "attributes": self.labels.attributes}
             self.log.flush()
             if self.tensorboard is not None:
                 self.tensorboard.flush()
@@ -495,6 +511,18 @@ def prepare_out_dir(cfg: TrainConfig, resuming: bool) -> Path:
     except OSError as error:
         raise UsageError(f"cannot write into --out {out} ({error.strerror}); choose a writable folder.") from None
     return out
+
+
+def fixed_codes(cfg: TrainConfig, labels: data.Labels | None,
+                heldout_y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (z, y) of every sample grid: SAMPLE_GRID codes; for a conditional run one row per class (or
+    per attribute vector of the first held-out images), each row with the same 8 codes."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if labels is None:
+        return torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=generator), None
+    rows = heldout_y[:GRID_COLUMNS].cpu() if labels.attributes else labels.vectors(torch.arange(labels.dim))
+    z = torch.randn(GRID_COLUMNS, cfg.latent_dim, generator=generator)
+    return z.repeat(len(rows), 1), rows.repeat_interleave(GRID_COLUMNS, 0)
 
 
 def seed_everything(seed: int) -> None:

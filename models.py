@@ -2,8 +2,11 @@
 
 Layer tables follow the 64x64 architecture of Larsen et al. 2016 (arXiv 1512.09300).
 `NetworkConfig.width` scales every channel and hidden-unit count so that small networks exist
-for CPUs and tests; width 1.0 is the paper's. A "model" is the method variant (`MODELS`): which
-of the three networks it owns. Pure modules: no I/O, no training logic.
+for CPUs and tests; width 1.0 is the paper's. With `label_dim` > 0 the networks are conditional:
+the label y is concatenated to z at the decoder's input and broadcast as constant image channels
+at the encoder's and the discriminator's; label_dim 0 builds exactly the unconditional networks.
+A "model" is the method variant (`MODELS`): which of the three networks it owns. Pure modules:
+no I/O, no training logic.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class NetworkConfig:
     latent_dim: int = 128  # size of z
     width: float = 1.0     # multiplies every channel and hidden-unit count
     recon_layer: int = 4   # Dis_l: output of this discriminator conv (1..4), before its BatchNorm
+    label_dim: int = 0     # size of the label y the networks are conditioned on (0: unconditional)
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 8:
@@ -49,6 +53,8 @@ class NetworkConfig:
             )
         if self.recon_layer not in (1, 2, 3, 4):
             raise ConfigError(f"--recon-layer {self.recon_layer} is out of range: the discriminator has convolutions 1 to 4.")
+        if self.label_dim < 0:
+            raise ConfigError(f"label size {self.label_dim} must not be negative (0: unconditional networks).")
 
     def scaled(self, units: int) -> int:
         """A channel or hidden-unit count of the paper's network, scaled by `width`."""
@@ -66,6 +72,14 @@ DECODER_WIDTHS = [256, 256, 128, 32]
 DISCRIMINATOR_WIDTHS = [32, 128, 256, 256, 512]
 
 
+def with_label_channels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Images (N, C, S, S) with the label y (N, L) appended as L constant channels (unchanged if y is None)."""
+    if y is None:
+        return x
+    planes = y.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+    return torch.cat([x, planes], 1)
+
+
 def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int, batch_norm: bool = True) -> list[nn.Module]:
     """Conv (padding keeps size/stride), optional BatchNorm, LeakyReLU."""
     layers: list[nn.Module] = [nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2)]
@@ -81,13 +95,15 @@ def deconv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
 
 
 class Encoder(nn.Module):
-    """x (N, C, S, S) -> mean, logvar of q(z|x), each (N, latent_dim)."""
+    """x (N, C, S, S) [and label y (N, label_dim)] -> mean, logvar of q(z|x, y), each (N, latent_dim).
+
+    y enters as constant image channels."""
 
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
         c1, c2, c3, hidden = (cfg.scaled(u) for u in ENCODER_WIDTHS)
         self.features = nn.Sequential(
-            *conv_block(cfg.channels, c1, 5, 2),  # S/2
+            *conv_block(cfg.channels + cfg.label_dim, c1, 5, 2),  # S/2
             *conv_block(c1, c2, 5, 2),            # S/4
             *conv_block(c2, c3, 5, 2),            # S/8
             nn.Flatten(),
@@ -98,13 +114,13 @@ class Encoder(nn.Module):
         self.mean = nn.Linear(hidden, cfg.latent_dim)
         self.logvar = nn.Linear(hidden, cfg.latent_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(with_label_channels(x, y))
         return self.mean(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
-    """z (N, latent_dim) -> image (N, C, S, S) in [-1, 1]."""
+    """z (N, latent_dim) [and label y (N, label_dim), concatenated to z] -> image (N, C, S, S) in [-1, 1]."""
 
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
@@ -112,7 +128,7 @@ class Decoder(nn.Module):
         c0, c1, c2, c3 = (cfg.scaled(u) for u in DECODER_WIDTHS)
         side = cfg.bottom_size
         self.net = nn.Sequential(
-            nn.Linear(cfg.latent_dim, c0 * side**2),
+            nn.Linear(cfg.latent_dim + cfg.label_dim, c0 * side**2),
             nn.BatchNorm1d(c0 * side**2),
             nn.LeakyReLU(LEAK),
             nn.Unflatten(1, (c0, side, side)),  # S/8
@@ -123,12 +139,12 @@ class Decoder(nn.Module):
             nn.Tanh(),
         )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(z if y is None else torch.cat([z, y.to(z.dtype)], 1))
 
 
 class Discriminator(nn.Module):
-    """x (N, C, S, S) -> logits (N,), Dis_l (N, features).
+    """x (N, C, S, S) [and label y (N, label_dim), as constant image channels] -> logits (N,), Dis_l (N, features).
 
     Dis_l is the output of convolution `recon_layer` before its BatchNorm (before the
     LeakyReLU for the first convolution, which has no BatchNorm), flattened.
@@ -140,7 +156,7 @@ class Discriminator(nn.Module):
         self.recon_layer = cfg.recon_layer
         # Each stage starts with its convolution, so Dis_l is a stage's first output.
         self.stages = nn.ModuleList([
-            nn.Sequential(*conv_block(cfg.channels, c1, 5, 1, batch_norm=False)),  # S
+            nn.Sequential(*conv_block(cfg.channels + cfg.label_dim, c1, 5, 1, batch_norm=False)),  # S
             nn.Sequential(*conv_block(c1, c2, 5, 2)),                              # S/2
             nn.Sequential(*conv_block(c2, c3, 5, 2)),                              # S/4
             nn.Sequential(*conv_block(c3, c4, 5, 2)),                              # S/8
@@ -153,8 +169,9 @@ class Discriminator(nn.Module):
             nn.Linear(hidden, 1),
         )
 
-    def forward(self, *images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One or more image batches, treated exactly as their concatenation (one batch for BatchNorm).
+    def forward(self, *images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One or more image batches, treated exactly as their concatenation (one batch for BatchNorm);
+        `labels`: the labels of that concatenation (conditional networks).
 
         The batches are concatenated only where the first BatchNorm mixes their rows, after the
         second convolution. Up to there each row is computed alone, so a backward pass that needs
@@ -162,7 +179,8 @@ class Discriminator(nn.Module):
         others' share of the first two convolutions.
         """
         first, second, *deeper = self.stages
-        conv1 = [first[0](x) for x in images]                       # (N_i, c1, S, S) each
+        ys = labels.split([len(x) for x in images]) if labels is not None else [None] * len(images)
+        conv1 = [first[0](with_label_channels(x, y)) for x, y in zip(images, ys)]  # (N_i, c1, S, S) each
         conv2 = torch.cat([second[0](first[1:](h)) for h in conv1])  # (N, c2, S/2, S/2): the batches meet
         convs = [torch.cat(conv1) if self.recon_layer == 1 else None, conv2]
         h = second[1:](conv2)
@@ -255,9 +273,9 @@ SAMPLE_BATCH = 64  # prior samples normalised together when decoding with batch 
 
 
 @torch.no_grad()
-def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Decode in batches of SAMPLE_BATCH codes, BatchNorm normalising each by its own statistics and
-    leaving the running ones untouched.
+def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode (with labels `y`, for conditional networks) in batches of SAMPLE_BATCH codes, BatchNorm
+    normalising each by its own statistics and leaving the running ones untouched.
 
     This is how the sample grids are drawn: prior samples look better so than with the running
     averages (docs/reproduction.md compares the two).
@@ -268,7 +286,9 @@ def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor) -> torch.T
     for m in norms:
         m.track_running_stats = False
     try:
-        return torch.cat([decoder(chunk) for chunk in z.split(SAMPLE_BATCH)])
+        chunks = z.split(SAMPLE_BATCH)
+        labels = y.split(SAMPLE_BATCH) if y is not None else [None] * len(chunks)
+        return torch.cat([decoder(chunk, label) for chunk, label in zip(chunks, labels)])
     finally:
         for m in norms:
             m.track_running_stats = True
@@ -276,14 +296,14 @@ def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def reconstruct(nets: Networks, x: torch.Tensor) -> torch.Tensor:
-    """Dec(mean of q(z|x)) with the networks in evaluation mode (their running statistics)."""
+def reconstruct(nets: Networks, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Dec(mean of q(z|x[, y])[, y]) with the networks in evaluation mode (their running statistics)."""
     modes = nets.encoder.training, nets.decoder.training
     nets.encoder.eval()
     nets.decoder.eval()
     try:
-        mean, _ = nets.encoder(x)
-        return nets.decoder(mean)
+        mean, _ = nets.encoder(x, y)
+        return nets.decoder(mean, y)
     finally:
         nets.encoder.train(modes[0])
         nets.decoder.train(modes[1])

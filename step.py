@@ -94,10 +94,13 @@ def backward_into(params: list[nn.Parameter], outputs: list[torch.Tensor],
 
 def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
                       noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      precision: Precision = FLOAT32, replicas: Replicas = SINGLE) -> dict[str, torch.Tensor]:
+                      precision: Precision = FLOAT32, replicas: Replicas = SINGLE,
+                      labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One forward pass, then set each network's .grad from its own loss (None if not updated).
 
     `noise` = (eps for the reparameterisation, z_p for prior samples); drawn if None.
+    `labels`: the batch's label vectors y, for conditional networks; every network sees them (the
+    prior samples are drawn for the batch's labels too), and the routing is the same.
     With a loss scaler the gradients are those of the scaled losses (the scaler unscales them).
     Under torchrun the gate decides from statistics averaged over `replicas`.
     Returns the step's statistics as 0-d tensors (NaN for what the model does not have).
@@ -107,15 +110,16 @@ def compute_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig,
     decoder = getattr(nets.decoder, "module", nets.decoder)  # the Decoder inside a DDP wrapper
     eps, z_prior = noise if noise is not None else torch.randn(2, len(x), decoder.latent_dim, device=x.device)
     if cfg.model == "vae":
-        return vae_gradients(nets, x, eps, precision)
-    return adversarial_gradients(nets, x, cfg, eps, z_prior, precision, replicas)
+        return vae_gradients(nets, x, eps, precision, labels)
+    return adversarial_gradients(nets, x, cfg, eps, z_prior, precision, replicas, labels)
 
 
-def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision: Precision) -> dict[str, torch.Tensor]:
+def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision: Precision,
+                  y: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The plain VAE: encoder <- grad(L_prior + L_llike^pixel), decoder <- grad(L_llike^pixel)."""
     with precision.autocast(x.device.type):
-        mean, logvar = nets.encoder(x)
-        recon = nets.decoder(losses.reparameterize(mean, logvar, eps))
+        mean, logvar = nets.encoder(x, y)
+        recon = nets.decoder(losses.reparameterize(mean, logvar, eps), y)
     loss_prior = losses.kl_divergence(at_least_float32(mean), at_least_float32(logvar))
     loss_llike = losses.pixel_nll(at_least_float32(recon), x)
     params = [p for m in nets.modules().values() for p in m.parameters()]
@@ -128,8 +132,8 @@ def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision:
                 "recon_mse": (recon.float() - x).pow(2).mean(), "update_dis": nan, "update_dec": torch.tensor(1.0)}
 
 
-def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps: torch.Tensor,
-                          z_prior: torch.Tensor, precision: Precision, replicas: Replicas) -> dict[str, torch.Tensor]:
+def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps: torch.Tensor, z_prior: torch.Tensor,
+                          precision: Precision, replicas: Replicas, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The models with a discriminator (Algorithm 1 for vaegan):
 
     Encoder       <- grad(L_prior + llike_weight * L_llike)                  (vaegan, vae-disl)
@@ -144,12 +148,14 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
                                         "gan": (0.0, 1.0)}[cfg.model]
     with precision.autocast(x.device.type):
         if has_encoder:
-            mean, logvar = nets.encoder(x)                                # (n, latent) each
+            mean, logvar = nets.encoder(x, y)                             # (n, latent) each
             codes = torch.cat([losses.reparameterize(mean, logvar, eps), z_prior])
         else:
             codes = z_prior
-        generated = nets.decoder(codes)                         # (2n or n, C, S, S): [x~,] x_p
-        logits, dis_l = nets.discriminator(x, generated)        # one pass over x, [x~,] x_p
+        code_labels = None if y is None else y.repeat(len(codes) // n, 1)  # x~ and x_p have x's labels
+        generated = nets.decoder(codes, code_labels)            # (2n or n, C, S, S): [x~,] x_p
+        logits, dis_l = nets.discriminator(x, generated,        # one pass over x, [x~,] x_p
+                                           labels=None if y is None else torch.cat([y, code_labels]))
     logits, dis_l = at_least_float32(logits), at_least_float32(dis_l)
     logits_real, logits_fake = logits[:n], logits[n:]
 
@@ -215,10 +221,11 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
 
 def train_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: torch.Tensor, cfg: LossConfig,
                noise: tuple[torch.Tensor, torch.Tensor] | None = None, precision: Precision = FLOAT32,
-               replicas: Replicas = SINGLE) -> dict[str, float]:
+               replicas: Replicas = SINGLE, labels: torch.Tensor | None = None) -> dict[str, float]:
     """Compute every gradient (averaged over processes under torchrun), then step the optimizers
-    of the networks that got one. The statistics returned are averaged over processes too."""
-    stats = compute_gradients(nets, x, cfg, noise, precision, replicas)
+    of the networks that got one. The statistics returned are averaged over processes too.
+    `labels`: the batch's label vectors, for conditional networks."""
+    stats = compute_gradients(nets, x, cfg, noise, precision, replicas, labels)
     replicas.average_gradients(list(nets.modules().values()))
     for name, module in nets.modules().items():
         if next(module.parameters()).grad is not None:

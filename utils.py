@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import config
+import data
 import models
 
 import matplotlib
@@ -181,15 +182,29 @@ def load_networks(state: dict, nets: models.Networks) -> None:
                 "it was made for another model or edited. Use a checkpoint written by this tool.") from None
 
 
-def load_run(checkpoint: str | Path, device: torch.device) -> tuple[config.TrainConfig, models.Networks, int]:
-    """The config, the networks (in evaluation mode, on `device`) and the step of a checkpoint."""
+def checkpoint_labels(state: dict) -> data.Labels | None:
+    """What a conditional run's checkpoint conditions on; None for an unconditional one (and for
+    checkpoints written before runs could be conditional)."""
+    saved = state.get("labels")
+    return data.Labels(tuple(saved["names"]), saved["attributes"]) if saved else None
+
+
+def load_run(checkpoint: str | Path,
+             device: torch.device) -> tuple[config.TrainConfig, models.Networks, int, data.Labels | None]:
+    """The config, the networks (in evaluation mode, on `device`), the step and the labels (None:
+    unconditional) of a checkpoint."""
     state = load_checkpoint(checkpoint)
     cfg = config.TrainConfig.from_saved(state["config"])
-    nets = models.build_networks(cfg.network_config(), "cpu", cfg.model)
+    labels = checkpoint_labels(state)
+    if cfg.conditional != (labels is not None):
+        holds = "no labels" if labels is None else "labels"
+        raise CheckpointError(f"{checkpoint_path(checkpoint)} says --conditional {cfg.conditional} but holds {holds}; "
+                              "it is damaged or edited. Use a checkpoint written by this tool.")
+    nets = models.build_networks(cfg.network_config(labels.dim if labels else 0), "cpu", cfg.model)
     load_networks(state, nets)
     for module in nets.modules().values():
         module.to(device).eval()
-    return cfg, nets, state["step"]
+    return cfg, nets, state["step"], labels
 
 
 def rng_state() -> dict:

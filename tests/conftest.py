@@ -32,6 +32,15 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
+@pytest.fixture(scope="session")
+def tiny_conditional_run(tmp_path_factory) -> Path:
+    """A tiny --conditional vaegan checkpoint, trained a few steps on MNIST."""
+    run = tmp_path_factory.mktemp("runs") / "conditional"
+    result = run_cli("--conditional", "--out", str(run), "--max-steps", "3", *TINY)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
 @pytest.fixture
 def real_data() -> Path:
     """../shared/data as exported by .ci/run in VAEGAN_DATA; tests that need it skip without it."""

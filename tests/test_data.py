@@ -151,8 +151,8 @@ def test_unreadable_images_are_skipped_in_batches(tmp_path):
     splits = data.load_dataset("folder", tmp_path, image_size=16, channels=3)
     batches = data.Batches(splits.train, 4, 16, torch.device("cpu"), seed=0, num_workers=0)
     seen = list(batches.epoch(1))
-    assert sum(d for _, d in seen) == 2
-    assert sum(len(x) for x, _ in seen) == 6
+    assert sum(d for _, _, d in seen) == 2
+    assert sum(len(x) for x, _, _ in seen) == 6
 
 
 def test_in_memory_batches_are_shuffled_reproducibly_and_cover_the_epoch():
@@ -162,11 +162,11 @@ def test_in_memory_batches_are_shuffled_reproducibly_and_cover_the_epoch():
     assert len(batches) == 3  # the last partial batch is dropped
 
     def pixels(epoch):
-        return [x[:, 0, 0, 0] for x, _ in batches.epoch(epoch)]
+        return [x[:, 0, 0, 0] for x, _, _ in batches.epoch(epoch)]
 
     first = torch.cat(pixels(1))
     assert len(first.unique()) == 9 and first.min() >= -1 and first.max() <= 1
-    assert all(x.shape == (3, 1, 16, 16) for x, _ in batches.epoch(1))
+    assert all(x.shape == (3, 1, 16, 16) for x, _, _ in batches.epoch(1))
     assert torch.equal(first, torch.cat(pixels(1)))          # same seed and epoch: same order
     assert not torch.equal(first, torch.cat(pixels(2)))      # next epoch: reshuffled
 
@@ -178,14 +178,14 @@ def test_processes_get_disjoint_equal_shards_reshuffled_each_epoch(tmp_path):
     assert [len(b) for b in shards] == [3, 3]  # 10 images each (one dropped), 3 batches of 3
 
     def seen(batches, epoch):
-        return torch.cat([x[:, 0, 0, 0] for x, _ in batches.epoch(epoch)]).tolist()
+        return torch.cat([x[:, 0, 0, 0] for x, _, _ in batches.epoch(epoch)]).tolist()
 
     first = [seen(b, 1) for b in shards]
     assert len(set(first[0])) == len(set(first[1])) == 9 and not set(first[0]) & set(first[1])
     assert first == [seen(b, 1) for b in shards]                                  # reproducible
     assert [set(seen(b, 2)) for b in shards] != [set(s) for s in first]           # reshuffled across processes
     # A process resuming at batch 2 gets the rest of its own shard.
-    rest = [x for x, _ in shards[1].epoch(1, start=2)]
+    rest = [x for x, _, _ in shards[1].epoch(1, start=2)]
     assert len(rest) == 1 and rest[0][:, 0, 0, 0].tolist() == first[1][6:]
     # Image files: the same sampler decides each process's files.
     write_images(tmp_path, 8)
@@ -219,3 +219,30 @@ def test_loader_workers_leave_stop_signals_to_the_training_process():
             "os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); print('alive')")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr
+
+
+def test_conditional_batches_carry_each_image_s_label_vector():
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 1, 16, 16).contiguous()
+    split = data.TensorImages(images, torch.arange(12) % 3)
+    labels = data.Labels(("a", "b", "c"))
+    batches = data.Batches(split, 4, 16, torch.device("cpu"), seed=1, labels=labels)
+    for x, y, dropped in batches.epoch(1):
+        index = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()  # the pixel value is the image's index
+        assert torch.equal(y, torch.nn.functional.one_hot(index % 3, 3).float()) and dropped == 0
+    assert all(y is None for _, y, _ in data.Batches(split, 4, 16, torch.device("cpu"), seed=1).epoch(1))
+    attributes = data.Labels(("Smiling", "Male"), attributes=True)
+    assert attributes.vectors(torch.tensor([[True, False]])).tolist() == [[1.0, -1.0]]
+
+
+def test_a_folder_s_classes_are_its_sub_folders_and_reach_the_batches(tmp_path):
+    for index, name in enumerate(("cats", "dogs")):
+        write_images(tmp_path / name, 12, size=(20, 20), seed=index)
+    (tmp_path / "dogs" / "img_0003.png").write_bytes(b"broken")
+    splits = data.load_dataset("folder", tmp_path, image_size=16, channels=3, labels=True)
+    assert splits.labels == data.Labels(("cats", "dogs"))
+    assert splits.train.labels.tolist() == [0 if f.parent.name == "cats" else 1 for f in splits.train.files]
+    batches = data.Batches(splits.train, 4, 16, torch.device("cpu"), seed=0, num_workers=0, labels=splits.labels)
+    seen = list(batches.epoch(1))
+    assert [len(x) for x, _, _ in seen] == [len(y) for _, y, _ in seen]  # the unreadable file's label left out too
+    assert sum(len(x) + dropped for x, _, dropped in seen) == len(batches) * 4
+    assert data.load_dataset("folder", tmp_path, image_size=16, channels=3).labels is None  # only when asked

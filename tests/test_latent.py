@@ -63,7 +63,7 @@ def test_interpolation_endpoints_are_the_codes():
     nets = models.build_networks(models.NetworkConfig(image_size=16, width=0.125, latent_dim=8))
     captured = []
     original = latent.decode
-    latent.decode = lambda nets, z: (captured.append(z), original(nets, z))[1]
+    latent.decode = lambda nets, z, y=None: (captured.append(z), original(nets, z, y))[1]
     try:
         start, end = torch.zeros(2, 8), torch.ones(2, 8)
         latent.write_interpolation(nets, start, end, 3, __import__("pathlib").Path("/tmp/vaegan-test-interp"))
@@ -125,3 +125,50 @@ def test_unreadable_images_are_a_clear_error(runs, tmp_path):
     (tmp_path / "a.png").write_bytes(b"not a png")
     result = command("reconstruct", "--checkpoint", str(runs["vaegan"]), "--images", str(tmp_path / "a.png"))
     assert result.returncode == 2 and "could be read as an image" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_conditional_commands_draw_the_labels_asked_for(tiny_conditional_run, tmp_path):
+    run = str(tiny_conditional_run)
+    with Image.open(tiny_conditional_run / "samples" / "epoch_001.png") as grid:
+        assert grid.size == (8 * 18 + 2, 10 * 18 + 2)  # one row per class, 8 columns
+    result = command("sample", "--checkpoint", run, "--label", "7", "--num", "5", "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "s" / "samples.npz")["labels"].argmax(1).tolist() == [7] * 5
+    result = command("sample", "--checkpoint", run, "--num", "4", "--out", str(tmp_path / "h"))
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "h" / "samples.npz")["labels"].argmax(1).tolist() == [7, 2, 1, 0]  # held-out labels
+    for args in (["reconstruct", "--num", "6", "--label", "3"], ["reconstruct", "--num", "6"],
+                 ["interpolate", "--pairs", "2", "--steps", "3"], ["interpolate", "--prior", "--label", "1"]):
+        result = command(*args, "--checkpoint", run, "--out", str(tmp_path / "-".join(args)))
+        assert result.returncode == 0, result.stderr
+    mine = write_images(tmp_path / "mine", 2, mode="L")
+    result = command("reconstruct", "--checkpoint", run, "--images", str(mine[0]), "--label", "4",
+                     "--out", str(tmp_path / "files"))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "--checkpoint", "{vaegan}", "--label", "3"], "trained without --conditional"),
+    (["reconstruct", "--checkpoint", "{vaegan}", "--label", "3"], "trained without --conditional"),
+    (["interpolate", "--checkpoint", "{gan}", "--prior", "--attributes", "Smiling=1"], "trained without --conditional"),
+    (["attributes", "--checkpoint", "{conditional}", "--from", "3", "--to", "8"], "is conditional"),
+    (["sample", "--checkpoint", "{conditional}", "--attributes", "Smiling=1"], "conditioned on classes; use --label"),
+    (["sample", "--checkpoint", "{conditional}", "--label", "10"], "is not a class"),
+    (["reconstruct", "--checkpoint", "{conditional}", "--images", "{vaegan}"], "image files have no labels"),
+])
+def test_conditional_questions_of_the_wrong_checkpoint_are_refused_before_any_work(runs, tiny_conditional_run,
+                                                                                   tmp_path, args, words):
+    paths = {**{k: str(v) for k, v in runs.items()}, "conditional": str(tiny_conditional_run)}
+    result = command(*[a.format(**paths) for a in args], "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_conditional_folder_needs_class_sub_folders(tmp_path):
+    write_images(tmp_path / "flat", 24, size=(20, 20))
+    write_images(tmp_path / "one" / "cats", 24, size=(20, 20))
+    for folder, words in (("flat", "0 class sub-folder(s)"), ("one", "1 class sub-folder(s) (cats)")):
+        result = run_cli("--dataset", "folder", "--data-root", str(tmp_path / folder), "--conditional",
+                         "--out", str(tmp_path / "run"), "--num-workers", "0", *TINY)
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "run").exists()

@@ -94,6 +94,7 @@ def test_width_scales_every_hidden_layer():
     (dict(width=float("inf")), "positive number"),
     (dict(recon_layer=5), "out of range"),
     (dict(recon_layer=0), "out of range"),
+    (dict(label_dim=-1), "must not be negative"),
 ])
 def test_bad_configurations_say_what_to_change(kwargs, words):
     with pytest.raises(ConfigError, match=words):
@@ -107,3 +108,29 @@ def test_sampling_with_batch_statistics_leaves_running_statistics_alone():
     images = models.decode_with_batch_statistics(nets.decoder, torch.randn(4, 8))
     assert images.shape == (4, 1, 16, 16) and not nets.decoder.training
     assert all(torch.equal(before[k], v) for k, v in nets.decoder.state_dict().items())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("label_dim", [10, 40])
+def test_conditional_networks_shapes_and_parameter_counts(channels, label_dim):
+    """y adds label_dim input channels to the first convolution of the encoder and the discriminator
+    (5x5 kernels) and label_dim inputs to the decoder's first linear layer; nothing else changes."""
+    plain = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25)
+    cfg = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim)
+    extra = {Encoder: cfg.scaled(64) * 25, Decoder: cfg.scaled(256) * 4 ** 2, Discriminator: cfg.scaled(32) * 25}
+    for net, per_label in extra.items():
+        assert count_parameters(net(cfg)) == count_parameters(net(plain)) + label_dim * per_label, net.__name__
+    x = torch.rand(3, channels, 32, 32) * 2 - 1
+    y = torch.nn.functional.one_hot(torch.tensor([0, 3, 7]), label_dim).float()
+    mean, logvar = Encoder(cfg)(x, y)
+    assert mean.shape == logvar.shape == (3, 16)
+    assert Decoder(cfg)(mean, y).shape == x.shape
+    logits, dis_l = Discriminator(cfg)(x, x, labels=torch.cat([y, y]))
+    assert logits.shape == (6,) and dis_l.shape == (6, cfg.scaled(256) * 4 ** 2)
+    other = torch.roll(y, 1, 0)  # the same images with other labels: every network's output changes
+    assert not torch.allclose(Decoder(cfg).eval()(mean, y), Decoder(cfg).eval()(mean, other))
+    torch.manual_seed(0)
+    encoder, discriminator = Encoder(cfg).eval(), Discriminator(cfg).eval()
+    assert not torch.allclose(encoder(x, y)[0], encoder(x, other)[0])
+    assert not torch.allclose(discriminator(x, labels=y)[0], discriminator(x, labels=other)[0])
+

@@ -39,8 +39,9 @@ def load(run):
     return torch.load(run / "checkpoint.pt", weights_only=True)
 
 
-def test_two_steps_resume_two_steps_equals_four_steps_inside_an_epoch(tmp_path, real_data):
-    common = ["--data-root", str(real_data), *TINY]
+@pytest.mark.parametrize("conditional", [[], ["--conditional"]], ids=["unconditional", "conditional"])
+def test_two_steps_resume_two_steps_equals_four_steps_inside_an_epoch(tmp_path, real_data, conditional):
+    common = ["--data-root", str(real_data), *TINY, *conditional]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli(*common, "--out", str(straight), "--max-steps", "4").returncode == 0
     assert run_cli(*common, "--out", str(split), "--max-steps", "2").returncode == 0
@@ -53,6 +54,9 @@ def test_two_steps_resume_two_steps_equals_four_steps_inside_an_epoch(tmp_path, 
     with open(straight / "metrics.csv") as f, open(split / "metrics.csv") as g:
         losses = [[r["loss_llike"] for r in csv.DictReader(h)] for h in (f, g)]
     assert losses[0] == losses[1]
+    if conditional:
+        assert load(split)["labels"] == {"names": [str(c) for c in range(10)], "attributes": False}
+        assert (split / "samples" / "epoch_001.png").read_bytes() == (straight / "samples" / "epoch_001.png").read_bytes()
 
 
 def test_resume_across_an_epoch_boundary_with_file_dataset_workers(tmp_path):
@@ -175,6 +179,7 @@ def test_bad_checkpoints_are_clear_errors(finished_run, tmp_path, name, words):
     (["--image-size", "32"], "--image-size 32 (the checkpoint has 16)"),
     (["--dataset", "cifar10"], "--dataset cifar10 (the checkpoint has mnist)"),
     (["--width", "0.5", "--latent-dim", "4"], "--latent-dim 4 (the checkpoint has 8), --width 0.5"),
+    (["--conditional"], "--conditional True (the checkpoint has False)"),
 ])
 def test_resume_with_contradicting_settings_names_them(finished_run, flags, words):
     before = (finished_run / "checkpoint.pt").read_bytes()

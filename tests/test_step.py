@@ -2,10 +2,12 @@
 
 The project's step (step.compute_gradients) is compared, parameter by parameter, with
 a plain reference written here: the same forward pass, then each network's loss on its
-own and torch.autograd.grad of it. Float64, a tiny model, tolerance 1e-6. Broken
-references (the bugs of public ports) show that the comparison catches each bug.
+own and torch.autograd.grad of it. Float64, a tiny model, tolerance 1e-6, unconditional and
+conditional (a label y into every network). Broken references (the bugs of public ports) show
+that the comparison catches each bug.
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,25 +19,28 @@ import step
 from models import NetworkConfig
 
 TINY = NetworkConfig(image_size=16, channels=1, latent_dim=8, width=0.125, recon_layer=3)
+LABELS = 3  # classes of the conditional networks' label
 
 
-def reference_gradients(nets, x, cfg, noise, bug=None):
-    """Each network's gradient from its own loss, computed plainly (no routing tricks)."""
+def reference_gradients(nets, x, cfg, noise, bug=None, y=None):
+    """Each network's gradient from its own loss, computed plainly (no routing tricks); `y`: labels."""
     eps, z_prior = noise
     n = len(x)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
     if nets.encoder is not None:
-        mean, logvar = nets.encoder(x)
+        mean, logvar = nets.encoder(x, y)
         z = mean + torch.exp(0.5 * logvar) * eps
         l_prior = (-0.5 * (1 + logvar - mean**2 - logvar.exp()).sum(1)).mean()
     if cfg.model == "vae":
-        recon = nets.decoder(z)
+        recon = nets.decoder(z, y)
         l_pixel = (0.5 * ((recon - x) ** 2).flatten(1).sum(1)).mean()
         return {"encoder": torch.autograd.grad(l_prior + l_pixel, list(nets.encoder.parameters()), retain_graph=True),
                 "decoder": torch.autograd.grad(l_pixel, list(nets.decoder.parameters()))}
 
-    generated = nets.decoder(torch.cat([z, z_prior]) if nets.encoder is not None else z_prior)
-    logits, dis_l = nets.discriminator(torch.cat([x, generated]))
+    codes = torch.cat([z, z_prior]) if nets.encoder is not None else z_prior
+    fake_labels = None if y is None else torch.cat([y] * (len(codes) // n))
+    generated = nets.decoder(codes, fake_labels)
+    logits, dis_l = nets.discriminator(torch.cat([x, generated]), labels=None if y is None else torch.cat([y, fake_labels]))
     real, fake = logits[:n], logits[n:]
     bce_real = bce(real, torch.ones_like(real))
     bce_fake = bce(fake, torch.zeros_like(fake))
@@ -72,8 +77,8 @@ def reference_gradients(nets, x, cfg, noise, bug=None):
             if update[name] else None for name, loss in losses.items()}
 
 
-def project_gradients(nets, x, cfg, noise):
-    step.compute_gradients(nets, x, cfg, noise)
+def project_gradients(nets, x, cfg, noise, y=None):
+    step.compute_gradients(nets, x, cfg, noise, labels=y)
     out = {}
     for name, module in nets.modules().items():
         got = [p.grad for p in module.parameters()]
@@ -92,21 +97,23 @@ def mismatches(a, b):
     return bad
 
 
-def setup(seed=0, model="vaegan"):
+def setup(seed=0, model="vaegan", conditional=False):
+    """Float64 networks, a batch and its noise; with `conditional`, also one-hot labels y (else None)."""
     torch.manual_seed(seed)
-    nets = models.build_networks(TINY, "cpu", model)
+    nets = models.build_networks(replace(TINY, label_dim=LABELS if conditional else 0), "cpu", model)
     for module in nets.modules().values():
         module.double()
     x = torch.rand(6, 1, 16, 16, dtype=torch.float64) * 2 - 1
     noise = (torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64))
-    return nets, x, noise
+    y = torch.nn.functional.one_hot(torch.arange(6) % LABELS, LABELS).double() if conditional else None
+    return nets, x, noise, y
 
 
-def compare(cfg, bug=None):
-    nets, x, noise = setup(model=cfg.model)
+def compare(cfg, bug=None, conditional=False):
+    nets, x, noise, y = setup(model=cfg.model, conditional=conditional)
     twin = copy.deepcopy(nets)
-    expected = reference_gradients(twin, x, cfg, noise, bug)
-    return expected, project_gradients(nets, x, cfg, noise)
+    expected = reference_gradients(twin, x, cfg, noise, bug, y)
+    return expected, project_gradients(nets, x, cfg, noise, y)
 
 
 # Gate settings that force each outcome on a fresh model, whose BCEs are near log 2 = 0.69.
@@ -118,12 +125,13 @@ GATES = {
 }
 
 
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
 @pytest.mark.parametrize("gan_loss", losses.GAN_LOSSES)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("model", ["vaegan", "vae-disl", "gan"])
-def test_step_gradients_match_reference(model, gan_loss, gate):
+def test_step_gradients_match_reference(model, gan_loss, gate, conditional):
     cfg = config.LossConfig(gamma=0.3, real_weight=0.6, gan_loss=gan_loss, llike_weight=0.5, model=model, **GATES[gate])
-    expected, got = compare(cfg)
+    expected, got = compare(cfg, conditional=conditional)
     assert set(got) == set(models.MODELS[model])
     assert mismatches(expected, got) == []
     skipped = {"discriminator skipped": "discriminator", "decoder skipped": "decoder"}.get(gate)
@@ -133,8 +141,9 @@ def test_step_gradients_match_reference(model, gan_loss, gate):
         assert (got[name] is None) == (name == skipped)
 
 
-def test_vae_gradients_match_reference():
-    expected, got = compare(config.LossConfig(model="vae"))
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+def test_vae_gradients_match_reference(conditional):
+    expected, got = compare(config.LossConfig(model="vae"), conditional=conditional)
     assert set(got) == {"encoder", "decoder"} and mismatches(expected, got) == []
 
 
@@ -146,16 +155,17 @@ BUGS = {
 }
 
 
+@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
 @pytest.mark.parametrize("bug", BUGS)
-def test_comparison_catches_broken_routing(bug):  # vaegan
+def test_comparison_catches_broken_routing(bug, conditional):  # vaegan
     cfg = config.LossConfig(gamma=0.3, real_weight=0.6, llike_weight=0.5, equilibrium=None)
-    expected, got = compare(cfg, bug)
+    expected, got = compare(cfg, bug, conditional)
     assert BUGS[bug] in mismatches(expected, got)
 
 
 def test_train_step_updates_only_gated_networks():
     cfg = config.LossConfig(**GATES["discriminator skipped"])
-    nets, x, noise = setup()
+    nets, x, noise, _ = setup()
     before = {name: [p.detach().clone() for p in m.parameters()] for name, m in nets.modules().items()}
     optimizers = step.build_optimizers(nets, lr=1e-3, alpha=0.9)
     stats = step.train_step(nets, optimizers, x, cfg, noise)
