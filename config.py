@@ -86,6 +86,9 @@ class LossConfig:
                                         none_flag=("--no-equilibrium", "update both networks every step"))
     margin: float = setting(0.35, "half-width of that band", "loss", resume=True,
                             check=Check(lambda v: v >= 0, "must not be negative (default 0.35)"))
+    dis_gate: str = setting("either", "the gate skips the discriminator when either of its BCEs is below the band "
+                            "(the authors' rule) or only when both are", "loss", choices=("either", "both"),
+                            resume=True)
 
 
 @dataclass(frozen=True)

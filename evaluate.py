@@ -235,7 +235,8 @@ class SampleQuality:
     def __init__(self, dataset: str, root: Path, heldout: data.Split, count: int, image_size: int,
                  labels: data.Labels | None = None):
         self.name = f"{dataset}-cnn"
-        self.classifier, _ = cached_classifier(dataset, root)
+        with torch.random.fork_rng(devices=[]):  # building the classifier draws its initial weights: not training's
+            self.classifier, _ = cached_classifier(dataset, root)
         self.count = min(count, len(heldout))
         real, real_labels = data.labelled_images(heldout, self.count, image_size)
         self.y = labels.vectors(real_labels) if labels is not None else None

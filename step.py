@@ -72,10 +72,17 @@ def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool, dev
 
 
 def equilibrium_gate(bce_real: float, bce_fake: float, cfg: LossConfig) -> tuple[bool, bool]:
-    """The authors' rule: (update the discriminator?, update the decoder?) from this batch's BCEs."""
+    """The authors' rule: (update the discriminator?, update the decoder?) from this batch's BCEs.
+
+    With dis_gate "both" the discriminator pauses only while it wins on real and generated images
+    alike: under the authors' "either", a discriminator sure of the real images stops learning even
+    while the decoder fools it on every generated one, and the decoder can then collapse onto what
+    fools the frozen discriminator.
+    """
     if cfg.equilibrium is None:
         return True, True
-    update_dis = not (bce_real < cfg.equilibrium - cfg.margin or bce_fake < cfg.equilibrium - cfg.margin)
+    low = (bce_real < cfg.equilibrium - cfg.margin, bce_fake < cfg.equilibrium - cfg.margin)
+    update_dis = not (all(low) if cfg.dis_gate == "both" else any(low))
     update_dec = not (bce_real > cfg.equilibrium + cfg.margin or bce_fake > cfg.equilibrium + cfg.margin)
     if not (update_dis or update_dec):
         return True, True

@@ -308,6 +308,17 @@ def test_eval_every_measures_sample_quality_into_metrics_and_a_plot(tmp_path, wr
         image.verify()
 
 
+def test_eval_every_measures_without_changing_the_training(tmp_path, writable_mnist_root):
+    runs = {every: tmp_path / f"every{every}" for every in (0, 2)}
+    for every, out in runs.items():
+        result = run_cli("--data-root", str(writable_mnist_root), "--out", str(out), "--max-steps", "4",
+                         "--eval-every", str(every), *TINY)
+        assert result.returncode == 0, result.stderr
+    columns = {every: [(r["loss_llike"], r["loss_gan"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+               for every, out in runs.items()}
+    assert columns[0] == columns[2]
+
+
 def test_eval_every_needs_a_dataset_with_a_domain_classifier(tmp_path):
     write_images(tmp_path / "images", 40, size=(20, 20))
     result = run_cli("--dataset", "folder", "--data-root", str(tmp_path / "images"), "--eval-every", "10",

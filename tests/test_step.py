@@ -68,7 +68,8 @@ def reference_gradients(nets, x, cfg, noise, bug=None, y=None):
     update = {"encoder": True, "decoder": True, "discriminator": True}
     if cfg.equilibrium is not None and cfg.model != "vae-disl":
         low, high = cfg.equilibrium - cfg.margin, cfg.equilibrium + cfg.margin
-        update["discriminator"] = bce_real.item() >= low and bce_fake.item() >= low
+        winning = (bce_real.item() < low, bce_fake.item() < low)
+        update["discriminator"] = not (all(winning) if cfg.dis_gate == "both" else any(winning))
         update["decoder"] = bce_real.item() <= high and bce_fake.item() <= high
         if not update["discriminator"] and not update["decoder"]:
             update["discriminator"] = update["decoder"] = True
@@ -121,6 +122,7 @@ GATES = {
     "off": dict(equilibrium=None),
     "both update": dict(equilibrium=0.68, margin=0.35),
     "discriminator skipped": dict(equilibrium=2.0, margin=0.5),
+    "discriminator skipped, both low": dict(equilibrium=2.0, margin=0.5, dis_gate="both"),
     "decoder skipped": dict(equilibrium=0.2, margin=0.1),
 }
 
@@ -134,7 +136,8 @@ def test_step_gradients_match_reference(model, gan_loss, gate, conditional):
     expected, got = compare(cfg, conditional=conditional)
     assert set(got) == set(models.MODELS[model])
     assert mismatches(expected, got) == []
-    skipped = {"discriminator skipped": "discriminator", "decoder skipped": "decoder"}.get(gate)
+    skipped = {"discriminator skipped": "discriminator", "discriminator skipped, both low": "discriminator",
+               "decoder skipped": "decoder"}.get(gate)
     if model == "vae-disl":
         skipped = None  # no gate
     for name in models.MODELS[model]:
@@ -218,3 +221,13 @@ def test_bf16_step_gradients_match_the_float32_reference_within_bf16_precision(m
             broken = reference_gradients(copy.deepcopy(nets), x, cfg, noise, bug)["discriminator"]
             cosine, relative = agreement(broken, expected["discriminator"])
             assert cosine < BF16["cosine"] or relative > BF16["relative"], bug
+
+
+@pytest.mark.parametrize("dis_gate, bce, expected", [
+    ("either", (0.2, 0.9), (False, True)),   # sure of the real images, fooled on the generated: paused
+    ("both", (0.2, 0.9), (True, True)),      # ... keeps learning under "both"
+    ("both", (0.2, 0.3), (False, True)),     # winning on both: paused under either rule
+    ("either", (0.5, 1.2), (True, False)),   # the decoder pauses when the discriminator loses badly
+])
+def test_equilibrium_gate_rules(dis_gate, bce, expected):
+    assert step.equilibrium_gate(*bce, config.LossConfig(dis_gate=dis_gate)) == expected
