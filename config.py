@@ -88,7 +88,7 @@ class LossConfig:
                             check=Check(lambda v: v >= 0, "must not be negative (default 0.35)"))
     dis_gate: str = setting("either", "the gate skips the discriminator when either of its BCEs is below the band "
                             "(the authors' rule) or only when both are", "loss", choices=("either", "both"),
-                            resume=True)
+                            resume=True, preset=True)
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,8 @@ class TrainConfig(LossConfig):
 # network; `cpu` a reduced one that shows digits within minutes on a CPU, its values chosen from
 # real MNIST runs (docs/reproduction.md).
 PRESETS = {
-    "paper": dict(image_size=64, width=1.0, epochs=25),
-    "cpu": dict(image_size=32, width=0.25, epochs=5),
+    "paper": dict(image_size=64, width=1.0, epochs=25, dis_gate="either"),
+    "cpu": dict(image_size=32, width=0.25, epochs=5, dis_gate="both"),
 }
 
 
@@ -298,7 +298,7 @@ def resolve_config(args: argparse.Namespace, device: torch.device) -> tuple[Trai
                          "out": args.out or f"runs/{args.dataset}-{datetime.now():%Y%m%d-%H%M%S}"})
     validate(cfg)
     why = f"auto on {device.type}" if args.preset == "auto" else "asked for"
-    values = ", ".join(f"{key.replace('_', ' ')} {getattr(cfg, key):g}" for key in PRESETS[preset])
+    values = ", ".join(f"{key.replace('_', ' ')} {getattr(cfg, key)}" for key in PRESETS[preset])
     other = {"paper": "--preset cpu gives the reduced CPU configuration",
              "cpu": "--preset paper gives the paper's 64x64 network"}[preset]
     amp, amp_why = resolve_amp(cfg.amp, device)

@@ -343,3 +343,7 @@ def test_a_run_writes_its_evolution_gif_and_tensorboard_events(tmp_path, real_da
     assert set(events.Tags()["scalars"]) == set(columns) - {"step"}
     assert [e.step for e in events.Scalars("loss_llike")] == [1, 2, 3, 4, 5]
     assert [e.step for e in events.Images("samples")] == [2, 4, 5]
+
+
+def test_the_readme_is_at_most_300_lines():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300
