@@ -45,7 +45,7 @@ def main() -> None:
         axis.plot([s / 60 for s in seconds], fids, marker="o", markersize=3, color=colour,
                   label=None if model in labelled else model)
         labelled.add(model)
-    axis.set(xlabel="minutes spent training", ylabel=f"sample {COLUMN} (2,000 samples)", yscale="log")
+    axis.set(xlabel="minutes spent training", ylabel=f"sample {COLUMN} (2,000 samples)")
     axis.grid(alpha=0.3)
     axis.legend()
     utils.write_figure(figure, args.out)
