@@ -222,8 +222,7 @@ def prior_samples(decoder: nn.Module, count: int, latent_dim: int, seed: int, ba
     else:
         mode = decoder.training
         decoder.eval()
-        labels = y.split(500) if y is not None else [None] * len(z.split(500))
-        images = [decoder(chunk, label) for chunk, label in zip(z.split(500), labels)]
+        images = [decoder(chunk, label) for chunk, label in models.in_batches(z, y, 500)]
         decoder.train(mode)
     return data.model_to_uint8(torch.cat(images)).cpu()
 
@@ -259,10 +258,9 @@ def reconstruction_figures(nets: models.Networks, images: torch.Tensor,
                            y: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Pixel MSE and KL of reconstructions Dec(mean of q(z|x)) (running statistics), and the reconstructions;
     `y`: the images' label vectors, for conditional networks."""
-    labels = y.split(256) if y is not None else [None] * len(images.split(256))
-    posterior = [nets.encoder(chunk, label) for chunk, label in zip(images.split(256), labels)]
+    posterior = [nets.encoder(chunk, label) for chunk, label in models.in_batches(images, y, 256)]
     mean, logvar = (torch.cat(parts) for parts in zip(*posterior))
-    recon = torch.cat([nets.decoder(chunk, label) for chunk, label in zip(mean.split(256), labels)])
+    recon = torch.cat([nets.decoder(chunk, label) for chunk, label in models.in_batches(mean, y, 256)])
     return {"pixel_mse": float((recon - images).pow(2).mean()), "kl": float(losses.kl_divergence(mean, logvar))}, recon
 
 

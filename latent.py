@@ -25,8 +25,7 @@ from models import Networks
 @torch.no_grad()
 def encode(nets: Networks, images: torch.Tensor, y: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
     """Posterior means of q(z|x) (q(z|x, y) with label vectors `y`), in batches."""
-    labels = y.split(batch) if y is not None else [None] * len(images.split(batch))
-    return torch.cat([nets.encoder(chunk, label)[0] for chunk, label in zip(images.split(batch), labels)])
+    return torch.cat([nets.encoder(chunk, label)[0] for chunk, label in models.in_batches(images, y, batch)])
 
 
 def decode(nets: Networks, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,8 +157,8 @@ def write_reconstructions(nets: Networks, images: torch.Tensor, labels: torch.Te
                           out: Path, y: torch.Tensor | None = None) -> list[Path]:
     """Images beside their reconstructions Dec(mean of q(z|x)) (with label vectors `y`, conditional
     checkpoints): a grid and an .npz."""
-    ys = y.to(images.device).split(256) if y is not None else [None] * len(images.split(256))
-    recon = torch.cat([models.reconstruct(nets, chunk, label) for chunk, label in zip(images.split(256), ys)])
+    y = y.to(images.device) if y is not None else None
+    recon = torch.cat([models.reconstruct(nets, chunk, label) for chunk, label in models.in_batches(images, y, 256)])
     written = [out / "reconstructions.png", out / "reconstructions.npz"]
     utils.write_grid(utils.interleave(images[:64], recon[:64]), written[0])
     arrays = {"originals": utils.model_to_unit(images).numpy(), "reconstructions": utils.model_to_unit(recon).numpy()}

@@ -269,6 +269,12 @@ def activation_elements(cfg: NetworkConfig, model: str = "vaegan") -> int:
             + ((1 + fakes) * discriminator_outputs if "discriminator" in owned else 0))
 
 
+def in_batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Rows of `x` and of their label vectors `y` (None: unconditional) split alike into batches of `size`."""
+    chunks = x.split(size)
+    return list(zip(chunks, y.split(size) if y is not None else [None] * len(chunks)))
+
+
 SAMPLE_BATCH = 64  # prior samples normalised together when decoding with batch statistics, as in a grid
 
 
@@ -286,9 +292,7 @@ def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor, y: torch.T
     for m in norms:
         m.track_running_stats = False
     try:
-        chunks = z.split(SAMPLE_BATCH)
-        labels = y.split(SAMPLE_BATCH) if y is not None else [None] * len(chunks)
-        return torch.cat([decoder(chunk, label) for chunk, label in zip(chunks, labels)])
+        return torch.cat([decoder(chunk, label) for chunk, label in in_batches(z, y, SAMPLE_BATCH)])
     finally:
         for m in norms:
             m.track_running_stats = True
