@@ -464,11 +464,10 @@ class Run:
     def save(self) -> None:
         if self.replicas.is_main:  # the replicas are identical, so one checkpoint serves them all
             position = {"step": self.step, "epoch": self.epoch, "epoch_batches": self.position}
-            state = utils.checkpoint_state(self.nets, self.optimizers, self.cfg, position, self.log.history())
+            state = utils.checkpoint_state(self.nets, self.optimizers, self.cfg, position, self.log.history(),
+                                           self.labels)
             state["scaler"] = self.precision.scaler.state_dict() if self.precision.scaler is not None else {}
             state["processes"] = self.replicas.world_size
-            if self.labels is not None:
-                state["labels"] = {"names": list(self.labels.names), "attributes": self.labels.attributes}
             self.log.flush()
             if self.tensorboard is not None:
                 self.tensorboard.flush()

@@ -158,14 +158,18 @@ def load_checkpoint(run_dir_or_file: str | Path) -> dict:
 
 
 def checkpoint_state(nets: models.Networks, optimizers: dict[str, torch.optim.Optimizer], cfg: config.TrainConfig,
-                     position: dict[str, int], history: dict[str, list]) -> dict:
-    """Everything a run needs to continue exactly: weights, optimizers, position, RNG, history.
+                     position: dict[str, int], history: dict[str, list], labels: data.Labels | None = None) -> dict:
+    """Everything a run needs to continue exactly: weights, optimizers, position, RNG, history, and
+    what a conditional run's labels name (read back by `checkpoint_labels`).
 
     `position`: step, epoch and epoch_batches (batches of the epoch done).
     """
-    return {"config": dataclasses.asdict(cfg), **position, **{name: m.state_dict() for name, m in nets.modules().items()},
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "rng": rng_state(), "history": history}
+    state = {"config": dataclasses.asdict(cfg), **position, **{name: m.state_dict() for name, m in nets.modules().items()},
+             "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+             "rng": rng_state(), "history": history}
+    if labels is not None:
+        state["labels"] = {"names": list(labels.names), "attributes": labels.attributes}
+    return state
 
 
 def load_networks(state: dict, nets: models.Networks) -> None:
