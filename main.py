@@ -248,6 +248,7 @@ class Run:
                                         self.quality.columns() if self.quality else [])
         self.tensorboard = (utils.TensorBoardLog(self.out / "tb", resumed_at=self.step if resume else None)
                             if cfg.tensorboard and replicas.is_main else None)
+        self.evolution = utils.EvolutionGif(self.out / "samples", len(self.batches))
         if self.epoch_batches >= len(self.batches):  # the checkpoint was written at an epoch's end
             self.epoch, self.epoch_batches = self.epoch + 1, 0
         self.total_steps = min(cfg.epochs * len(self.batches), cfg.max_steps or math.inf)
@@ -446,7 +447,7 @@ class Run:
                  if has_pairs else None)
         if self.replicas.is_main:
             utils.write_grid(samples, self.out / "samples" / f"{tag}.png")
-            utils.write_evolution_gif(self.out / "samples", len(self.batches))
+            self.evolution.write()
             if pairs is not None:
                 utils.write_grid(pairs, self.out / "reconstructions" / f"{tag}.png")
             if self.tensorboard is not None:

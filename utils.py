@@ -92,15 +92,33 @@ def grid_order(path: Path, steps_per_epoch: int) -> tuple[int, str]:
     return step, path.stem
 
 
-def write_evolution_gif(samples_dir: Path, steps_per_epoch: int) -> Path:
-    """samples/evolution.gif: every sample grid in `samples_dir`, in training order, one frame each."""
-    grids = sorted(samples_dir.glob("*.png"), key=lambda p: grid_order(p, steps_per_epoch))
-    frames = [Image.open(grid).convert("RGB").quantize(colors=256) for grid in grids]
-    durations = [400] * (len(frames) - 1) + [2000]  # milliseconds; the latest grid stays longest
-    path = samples_dir / "evolution.gif"
-    write_atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                                  duration=durations, loop=0))
-    return path
+class EvolutionGif:
+    """samples/evolution.gif: every sample grid in `samples_dir`, in training order, one frame each.
+
+    Each grid is read and reduced to a palette once and kept, so rewriting the GIF after every grid
+    costs the new frame, not all of them again; a grid rewritten since (an epoch's grid at the end of
+    a resumed run) is read again.
+    """
+
+    def __init__(self, samples_dir: Path, steps_per_epoch: int):
+        self.samples_dir, self.steps_per_epoch = samples_dir, steps_per_epoch
+        self.frames: dict[Path, tuple[int, Image.Image]] = {}  # grid -> (its mtime in ns, its frame)
+
+    def frame(self, grid: Path) -> Image.Image:
+        written = grid.stat().st_mtime_ns
+        if self.frames.get(grid, (None,))[0] != written:
+            with Image.open(grid) as png:
+                self.frames[grid] = written, png.convert("RGB").quantize(colors=256)
+        return self.frames[grid][1]
+
+    def write(self) -> Path:
+        grids = sorted(self.samples_dir.glob("*.png"), key=lambda p: grid_order(p, self.steps_per_epoch))
+        frames = [self.frame(grid) for grid in grids]
+        durations = [400] * (len(frames) - 1) + [2000]  # milliseconds; the latest grid stays longest
+        path = self.samples_dir / "evolution.gif"
+        write_atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                      duration=durations, loop=0))
+        return path
 
 
 def interleave(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -76,13 +77,20 @@ def test_evolution_gif_shows_every_grid_in_training_order(tmp_path):
     colours = {"step_0000002": (255, 0, 0), "epoch_001": (0, 255, 0), "step_0000012": (0, 0, 255)}
     for name, colour in colours.items():
         Image.new("RGB", (20, 20), colour).save(tmp_path / f"{name}.png")
-    path = utils.write_evolution_gif(tmp_path, steps_per_epoch=10)
+    evolution = utils.EvolutionGif(tmp_path, steps_per_epoch=10)
+    assert gif_colours(evolution.write()) == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    Image.new("RGB", (20, 20), (255, 255, 0)).save(tmp_path / "epoch_001.png")  # rewritten, as a resumed run's end
+    os.utime(tmp_path / "epoch_001.png", ns=(1, 1))  # a time of its own, however fast the file system's clock ticks
+    assert gif_colours(evolution.write()) == [(255, 0, 0), (255, 255, 0), (0, 0, 255)]
+
+
+def gif_colours(path):
     with Image.open(path) as gif:
         seen = []
         for frame in range(gif.n_frames):
             gif.seek(frame)
             seen.append(gif.convert("RGB").getpixel((10, 10)))
-    assert seen == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    return seen
 
 
 def test_tensorboard_log_keeps_one_event_per_step_across_a_resume(tmp_path):
