@@ -139,6 +139,24 @@ def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision:
                 "recon_mse": (recon.float() - x).pow(2).mean(), "update_dis": nan, "update_dec": torch.tensor(1.0)}
 
 
+def adversarial_forward(nets: Networks, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
+                        precision: Precision, y: torch.Tensor | None) -> tuple:
+    """One pass of every network: (mean, logvar) of q(z|x) (None, None without an encoder), the
+    generated images [x~,] x_p, and the discriminator's logits and Dis_l on x, [x~,] x_p."""
+    mean = logvar = None
+    with precision.autocast(x.device.type):
+        if nets.encoder is not None:
+            mean, logvar = nets.encoder(x, y)                             # (n, latent) each
+            codes = torch.cat([losses.reparameterize(mean, logvar, eps), z_prior])
+        else:
+            codes = z_prior
+        code_labels = None if y is None else y.repeat(len(codes) // len(x), 1)  # x~ and x_p have x's labels
+        generated = nets.decoder(codes, code_labels)            # (2n or n, C, S, S): [x~,] x_p
+        logits, dis_l = nets.discriminator(x, generated,        # one pass over x, [x~,] x_p
+                                           labels=None if y is None else torch.cat([y, code_labels]))
+    return mean, logvar, generated, at_least_float32(logits), at_least_float32(dis_l)
+
+
 def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps: torch.Tensor, z_prior: torch.Tensor,
                           precision: Precision, replicas: Replicas, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The models with a discriminator (Algorithm 1 for vaegan):
@@ -149,23 +167,11 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
                      grad(decoder GAN term)                                   (gan; if the gate allows)
     Discriminator <- grad(L_GAN)                                              (if the gate allows)
     """
-    n = len(x)
-    has_encoder = nets.encoder is not None
+    n, has_encoder = len(x), nets.encoder is not None
     dec_llike_weight, dec_gan_weight = {"vaegan": (cfg.gamma, 1.0 - cfg.gamma), "vae-disl": (1.0, 0.0),
                                         "gan": (0.0, 1.0)}[cfg.model]
-    with precision.autocast(x.device.type):
-        if has_encoder:
-            mean, logvar = nets.encoder(x, y)                             # (n, latent) each
-            codes = torch.cat([losses.reparameterize(mean, logvar, eps), z_prior])
-        else:
-            codes = z_prior
-        code_labels = None if y is None else y.repeat(len(codes) // n, 1)  # x~ and x_p have x's labels
-        generated = nets.decoder(codes, code_labels)            # (2n or n, C, S, S): [x~,] x_p
-        logits, dis_l = nets.discriminator(x, generated,        # one pass over x, [x~,] x_p
-                                           labels=None if y is None else torch.cat([y, code_labels]))
-    logits, dis_l = at_least_float32(logits), at_least_float32(dis_l)
+    mean, logvar, generated, logits, dis_l = adversarial_forward(nets, x, eps, z_prior, precision, y)
     logits_real, logits_fake = logits[:n], logits[n:]
-
     loss_gan = losses.discriminator_loss(logits_real, logits_fake, cfg.real_weight)
     loss_dec_gan = losses.decoder_gan_loss(logits_real, logits_fake, cfg.real_weight, cfg.gan_loss)
     with torch.no_grad():  # averaged over processes, so that all of them take the same decisions
@@ -191,11 +197,11 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
         grad_gan_images, = torch.autograd.grad(precision.scaled(loss_dec_gan), generated, retain_graph=has_encoder)
     upstream = dec_gan_weight * grad_gan_images if needs_gan_images else torch.zeros_like(generated)
 
-    stats = {"loss_prior": torch.tensor(math.nan), "loss_llike": torch.tensor(math.nan)}
+    losses_vae = {"loss_prior": torch.tensor(math.nan), "loss_llike": torch.tensor(math.nan)}
     if has_encoder:
         loss_prior = losses.kl_divergence(at_least_float32(mean), at_least_float32(logvar))
         loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])
-        stats = {"loss_prior": loss_prior, "loss_llike": loss_llike}
+        losses_vae = {"loss_prior": loss_prior, "loss_llike": loss_llike}
         # Image gradient of L_llike: through the discriminator, which it must not train.
         grad_llike_images, = torch.autograd.grad(precision.scaled(loss_llike), generated)
         upstream = upstream + dec_llike_weight * grad_llike_images
@@ -208,17 +214,22 @@ def adversarial_gradients(nets: Networks, x: torch.Tensor, cfg: LossConfig, eps:
         enc_params = list(nets.encoder.parameters())
         backward_into(enc_params, [precision.scaled(loss_prior), generated],
                       [torch.ones_like(loss_prior), (cfg.llike_weight * grad_llike_images).to(generated.dtype)])
+    return {**losses_vae, "loss_gan": loss_gan, "loss_dec_gan": loss_dec_gan,
+            **adversarial_stats(x, generated, logits, bce, has_encoder),
+            "update_dis": torch.tensor(float(update_dis)), "update_dec": torch.tensor(float(update_dec))}
 
-    with torch.no_grad():
-        probability = torch.sigmoid(logits)
-        recon, prior = (probability[n:2 * n], probability[2 * n:]) if has_encoder else (probability[:0], probability[n:])
-        return {
-            **stats, "loss_gan": loss_gan, "loss_dec_gan": loss_dec_gan,
-            "bce_real": torch.tensor(bce[0]), "bce_fake": torch.tensor(bce[1]),
+
+@torch.no_grad()
+def adversarial_stats(x: torch.Tensor, generated: torch.Tensor, logits: torch.Tensor, bce: list[float],
+                      has_encoder: bool) -> dict[str, torch.Tensor]:
+    """What the step reports besides its losses: the gate's BCEs, D's mean rating of x, x~ and x_p
+    (x~ NaN without an encoder), and the reconstructions' pixel MSE."""
+    n = len(x)
+    probability = torch.sigmoid(logits)
+    recon, prior = (probability[n:2 * n], probability[2 * n:]) if has_encoder else (probability[:0], probability[n:])
+    return {"bce_real": torch.tensor(bce[0]), "bce_fake": torch.tensor(bce[1]),
             "d_real": probability[:n].mean(), "d_recon": recon.mean(), "d_prior": prior.mean(),
-            "recon_mse": (generated[:n].float() - x).pow(2).mean() if has_encoder else torch.tensor(math.nan),
-            "update_dis": torch.tensor(float(update_dis)), "update_dec": torch.tensor(float(update_dec)),
-        }
+            "recon_mse": (generated[:n].float() - x).pow(2).mean() if has_encoder else torch.tensor(math.nan)}
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
