@@ -140,7 +140,8 @@ def vae_gradients(nets: Networks, x: torch.Tensor, eps: torch.Tensor, precision:
 
 
 def adversarial_forward(nets: Networks, x: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor,
-                        precision: Precision, y: torch.Tensor | None) -> tuple:
+                        precision: Precision, y: torch.Tensor | None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass of every network: (mean, logvar) of q(z|x) (None, None without an encoder), the
     generated images [x~,] x_p, and the discriminator's logits and Dis_l on x, [x~,] x_p."""
     mean = logvar = None
