@@ -3,8 +3,10 @@
 Layer tables follow the 64x64 architecture of Larsen et al. 2016 (arXiv 1512.09300).
 `NetworkConfig.width` scales every channel and hidden-unit count so that small networks exist
 for CPUs and tests; width 1.0 is the paper's. With `label_dim` > 0 the networks are conditional:
-the label y is concatenated to z at the decoder's input and broadcast as constant image channels
-at the encoder's and the discriminator's; label_dim 0 builds exactly the unconditional networks.
+the label y is appended to the input of each network's first layer (`label_layers` "first":
+concatenated to z at the decoder, constant image channels at the encoder and the discriminator)
+or of every convolution and linear layer ("every", as the authors' code does); label_dim 0 builds
+exactly the unconditional networks.
 A "model" is the method variant (`MODELS`): which of the three networks it owns. Pure modules:
 no I/O, no training logic.
 """
@@ -32,6 +34,7 @@ class NetworkConfig:
     width: float = 1.0     # multiplies every channel and hidden-unit count
     recon_layer: int = 4   # Dis_l: output of this discriminator conv (1..4), before its BatchNorm
     label_dim: int = 0     # size of the label y the networks are conditioned on (0: unconditional)
+    label_layers: str = "first"  # where y enters: each network's first layer, or "every" layer
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 8:
@@ -55,10 +58,17 @@ class NetworkConfig:
             raise ConfigError(f"--recon-layer {self.recon_layer} is out of range: the discriminator has convolutions 1 to 4.")
         if self.label_dim < 0:
             raise ConfigError(f"label size {self.label_dim} must not be negative (0: unconditional networks).")
+        if self.label_layers not in LABEL_LAYERS:
+            raise ConfigError(f"label layers {self.label_layers!r} is not one of {', '.join(LABEL_LAYERS)}.")
 
     def scaled(self, units: int) -> int:
         """A channel or hidden-unit count of the paper's network, scaled by `width`."""
         return round(units * self.width)
+
+    @property
+    def deep_label_dim(self) -> int:
+        """Label inputs added to each layer after the first (0 unless y enters every layer)."""
+        return self.label_dim if self.label_layers == "every" else 0
 
     @property
     def bottom_size(self) -> int:
@@ -66,18 +76,30 @@ class NetworkConfig:
         return self.image_size // 8
 
 
+LABEL_LAYERS = ("first", "every")
+
 # Channel and unit counts of the paper's 64x64 networks (width 1.0).
 ENCODER_WIDTHS = [64, 128, 256, 2048]
 DECODER_WIDTHS = [256, 256, 128, 32]
 DISCRIMINATOR_WIDTHS = [32, 128, 256, 256, 512]
 
 
-def with_label_channels(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """Images (N, C, S, S) with the label y (N, L) appended as L constant channels (unchanged if y is None)."""
+def with_label(h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """h with the label y (N, L) appended: as L constant channels to images (N, C, S, S), as L more
+    features to vectors (N, F); h unchanged if y is None."""
     if y is None:
-        return x
-    planes = y.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])
-    return torch.cat([x, planes], 1)
+        return h
+    y = y.to(h.dtype)
+    if h.dim() == 4:
+        y = y[:, :, None, None].expand(-1, -1, *h.shape[2:])
+    return torch.cat([h, y], 1)
+
+
+def run_labelled(layers: nn.Sequential, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """`layers` applied to h, the label y appended to the input of each convolution and linear layer."""
+    for layer in layers:
+        h = layer(with_label(h, y) if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) else h)
+    return h
 
 
 def conv_block(in_ch: int, out_ch: int, kernel: int, stride: int, batch_norm: bool = True) -> list[nn.Module]:
@@ -97,54 +119,62 @@ def deconv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
 class Encoder(nn.Module):
     """x (N, C, S, S) [and label y (N, label_dim)] -> mean, logvar of q(z|x, y), each (N, latent_dim).
 
-    y enters as constant image channels."""
+    y enters as constant image channels (and, with label_layers "every", at every layer)."""
 
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
         c1, c2, c3, hidden = (cfg.scaled(u) for u in ENCODER_WIDTHS)
+        extra = cfg.deep_label_dim
+        self.deep_labels = extra > 0
         self.features = nn.Sequential(
             *conv_block(cfg.channels + cfg.label_dim, c1, 5, 2),  # S/2
-            *conv_block(c1, c2, 5, 2),            # S/4
-            *conv_block(c2, c3, 5, 2),            # S/8
+            *conv_block(c1 + extra, c2, 5, 2),            # S/4
+            *conv_block(c2 + extra, c3, 5, 2),            # S/8
             nn.Flatten(),
-            nn.Linear(c3 * cfg.bottom_size**2, hidden),
+            nn.Linear(c3 * cfg.bottom_size**2 + extra, hidden),
             nn.BatchNorm1d(hidden),
             nn.LeakyReLU(LEAK),
         )
-        self.mean = nn.Linear(hidden, cfg.latent_dim)
-        self.logvar = nn.Linear(hidden, cfg.latent_dim)
+        self.mean = nn.Linear(hidden + extra, cfg.latent_dim)
+        self.logvar = nn.Linear(hidden + extra, cfg.latent_dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(with_label_channels(x, y))
+        if self.deep_labels:
+            h = with_label(run_labelled(self.features, x, y), y)
+        else:
+            h = self.features(with_label(x, y))
         return self.mean(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
-    """z (N, latent_dim) [and label y (N, label_dim), concatenated to z] -> image (N, C, S, S) in [-1, 1]."""
+    """z (N, latent_dim) [and label y (N, label_dim), concatenated to z, and with label_layers
+    "every" as constant channels at every later layer] -> image (N, C, S, S) in [-1, 1]."""
 
     def __init__(self, cfg: NetworkConfig):
         super().__init__()
         self.latent_dim = cfg.latent_dim
         c0, c1, c2, c3 = (cfg.scaled(u) for u in DECODER_WIDTHS)
-        side = cfg.bottom_size
+        side, extra = cfg.bottom_size, cfg.deep_label_dim
+        self.deep_labels = extra > 0
         self.net = nn.Sequential(
             nn.Linear(cfg.latent_dim + cfg.label_dim, c0 * side**2),
             nn.BatchNorm1d(c0 * side**2),
             nn.LeakyReLU(LEAK),
             nn.Unflatten(1, (c0, side, side)),  # S/8
-            *deconv_block(c0, c1),              # S/4
-            *deconv_block(c1, c2),              # S/2
-            *deconv_block(c2, c3),              # S
-            nn.ConvTranspose2d(c3, cfg.channels, 5, 1, padding=2),
+            *deconv_block(c0 + extra, c1),      # S/4
+            *deconv_block(c1 + extra, c2),      # S/2
+            *deconv_block(c2 + extra, c3),      # S
+            nn.ConvTranspose2d(c3 + extra, cfg.channels, 5, 1, padding=2),
             nn.Tanh(),
         )
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(z if y is None else torch.cat([z, y.to(z.dtype)], 1))
+        return run_labelled(self.net, z, y) if self.deep_labels else self.net(with_label(z, y))
 
 
 class Discriminator(nn.Module):
-    """x (N, C, S, S) [and label y (N, label_dim), as constant image channels] -> logits (N,), Dis_l (N, features).
+    """x (N, C, S, S) [and label y (N, label_dim), as constant image channels, and with label_layers
+    "every" at every layer] -> logits (N,), Dis_l (N, features).
 
     Dis_l is the output of convolution `recon_layer` before its BatchNorm (before the
     LeakyReLU for the first convolution, which has no BatchNorm), flattened.
@@ -154,19 +184,21 @@ class Discriminator(nn.Module):
         super().__init__()
         c1, c2, c3, c4, hidden = (cfg.scaled(u) for u in DISCRIMINATOR_WIDTHS)
         self.recon_layer = cfg.recon_layer
+        extra = cfg.deep_label_dim
+        self.deep_labels = extra > 0
         # Each stage starts with its convolution, so Dis_l is a stage's first output.
         self.stages = nn.ModuleList([
             nn.Sequential(*conv_block(cfg.channels + cfg.label_dim, c1, 5, 1, batch_norm=False)),  # S
-            nn.Sequential(*conv_block(c1, c2, 5, 2)),                              # S/2
-            nn.Sequential(*conv_block(c2, c3, 5, 2)),                              # S/4
-            nn.Sequential(*conv_block(c3, c4, 5, 2)),                              # S/8
+            nn.Sequential(*conv_block(c1 + extra, c2, 5, 2)),                      # S/2
+            nn.Sequential(*conv_block(c2 + extra, c3, 5, 2)),                      # S/4
+            nn.Sequential(*conv_block(c3 + extra, c4, 5, 2)),                      # S/8
         ])
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(c4 * cfg.bottom_size**2, hidden),
+            nn.Linear(c4 * cfg.bottom_size**2 + extra, hidden),
             nn.BatchNorm1d(hidden),
             nn.LeakyReLU(LEAK),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden + extra, 1),
         )
 
     def forward(self, *images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,14 +212,16 @@ class Discriminator(nn.Module):
         """
         first, second, *deeper = self.stages
         ys = labels.split([len(x) for x in images]) if labels is not None else [None] * len(images)
-        conv1 = [first[0](with_label_channels(x, y)) for x, y in zip(images, ys)]  # (N_i, c1, S, S) each
-        conv2 = torch.cat([second[0](first[1:](h)) for h in conv1])  # (N, c2, S/2, S/2): the batches meet
+        deep_ys, deep = (ys, labels) if self.deep_labels else ([None] * len(images), None)
+        conv1 = [first[0](with_label(x, y)) for x, y in zip(images, ys)]  # (N_i, c1, S, S) each
+        # (N, c2, S/2, S/2): the batches meet
+        conv2 = torch.cat([second[0](with_label(first[1:](h), y)) for h, y in zip(conv1, deep_ys)])
         convs = [torch.cat(conv1) if self.recon_layer == 1 else None, conv2]
         h = second[1:](conv2)
         for stage in deeper:
-            convs.append(stage[0](h))
+            convs.append(stage[0](with_label(h, deep)))
             h = stage[1:](convs[-1])
-        return self.classifier(h).squeeze(1), convs[self.recon_layer - 1].flatten(1)
+        return run_labelled(self.classifier, h, deep).squeeze(1), convs[self.recon_layer - 1].flatten(1)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -53,3 +53,10 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch)
     with pytest.raises(config.UsageError, match="pip install tensorboard"):
         parse("--tensorboard")
     assert parse()[0].tensorboard is False
+
+
+def test_label_layers_belong_to_conditional_runs_only():
+    with pytest.raises(config.UsageError, match="add --conditional, or leave --label-layers out"):
+        parse("--label-layers", "every")
+    cfg, _ = parse("--conditional", "--label-layers", "every")
+    assert cfg.network_config(10).deep_label_dim == 10 and parse("--conditional")[0].network_config(10).deep_label_dim == 0

@@ -95,6 +95,7 @@ def test_width_scales_every_hidden_layer():
     (dict(recon_layer=5), "out of range"),
     (dict(recon_layer=0), "out of range"),
     (dict(label_dim=-1), "must not be negative"),
+    (dict(label_dim=10, label_layers="all"), "not one of first, every"),
 ])
 def test_bad_configurations_say_what_to_change(kwargs, words):
     with pytest.raises(ConfigError, match=words):
@@ -132,5 +133,37 @@ def test_conditional_networks_shapes_and_parameter_counts(channels, label_dim):
     torch.manual_seed(0)
     encoder, discriminator = Encoder(cfg).eval(), Discriminator(cfg).eval()
     assert not torch.allclose(encoder(x, y)[0], encoder(x, other)[0])
+    assert not torch.allclose(discriminator(x, labels=y)[0], discriminator(x, labels=other)[0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_labels_at_every_layer_widen_every_convolution_and_linear_layer(channels):
+    """label_layers "every": each convolution's and linear layer's input gets label_dim more
+    channels (or features), not only the first layer's; outputs keep their shapes, and the label
+    still changes what each network outputs."""
+    label_dim = 10
+    first = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim)
+    every = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim,
+                          label_layers="every")
+    s = every.scaled
+    per_label = {  # the weights each extra input feeds: later convolutions (kernel area x outputs), linears
+        Encoder: (s(128) + s(256)) * 25 + s(2048) + 2 * 16,
+        Decoder: (s(256) + s(128) + s(32)) * 36 + channels * 25,
+        Discriminator: (s(128) + s(256) + s(256)) * 25 + s(512) + 1,
+    }
+    for net, extra in per_label.items():
+        assert count_parameters(net(every)) == count_parameters(net(first)) + label_dim * extra, net.__name__
+    x = torch.rand(3, channels, 32, 32) * 2 - 1
+    y = torch.nn.functional.one_hot(torch.tensor([0, 3, 7]), label_dim).float()
+    other = torch.roll(y, 1, 0)
+    torch.manual_seed(0)
+    encoder, decoder, discriminator = Encoder(every).eval(), Decoder(every).eval(), Discriminator(every).eval()
+    mean, _ = encoder(x, y)
+    assert decoder(mean, y).shape == x.shape and not torch.allclose(decoder(mean, y), decoder(mean, other))
+    assert not torch.allclose(encoder(x, y)[0], encoder(x, other)[0])
+    logits, dis_l = discriminator(x, x, labels=torch.cat([y, y]))
+    assert logits.shape == (6,) and dis_l.shape == (6, s(256) * 4 ** 2)
+    # Two batches with their own labels are the same as their concatenation, as for "first".
+    assert torch.allclose(logits, discriminator(torch.cat([x, x]), labels=torch.cat([y, y]))[0], atol=1e-6)
     assert not torch.allclose(discriminator(x, labels=y)[0], discriminator(x, labels=other)[0])
 

@@ -3,8 +3,8 @@
 The project's step (step.compute_gradients) is compared, parameter by parameter, with
 a plain reference written here: the same forward pass, then each network's loss on its
 own and torch.autograd.grad of it. Float64, a tiny model, tolerance 1e-6, unconditional and
-conditional (a label y into every network). Broken references (the bugs of public ports) show
-that the comparison catches each bug.
+conditional (a label y into every network, at its first or at every layer). Broken references
+(the bugs of public ports) show that the comparison catches each bug.
 """
 import copy
 from dataclasses import replace
@@ -98,10 +98,12 @@ def mismatches(a, b):
     return bad
 
 
-def setup(seed=0, model="vaegan", conditional=False):
-    """Float64 networks, a batch and its noise; with `conditional`, also one-hot labels y (else None)."""
+def setup(seed=0, model="vaegan", conditional=None):
+    """Float64 networks, a batch and its noise; with `conditional` (the networks' label_layers), also
+    one-hot labels y (else None)."""
     torch.manual_seed(seed)
-    nets = models.build_networks(replace(TINY, label_dim=LABELS if conditional else 0), "cpu", model)
+    labelled = replace(TINY, label_dim=LABELS, label_layers=conditional) if conditional else TINY
+    nets = models.build_networks(labelled, "cpu", model)
     for module in nets.modules().values():
         module.double()
     x = torch.rand(6, 1, 16, 16, dtype=torch.float64) * 2 - 1
@@ -110,12 +112,15 @@ def setup(seed=0, model="vaegan", conditional=False):
     return nets, x, noise, y
 
 
-def compare(cfg, bug=None, conditional=False):
+def compare(cfg, bug=None, conditional=None):
     nets, x, noise, y = setup(model=cfg.model, conditional=conditional)
     twin = copy.deepcopy(nets)
     expected = reference_gradients(twin, x, cfg, noise, bug, y)
     return expected, project_gradients(nets, x, cfg, noise, y)
 
+
+CONDITIONS = [None, "first", "every"]  # no label, or the networks' label_layers
+CONDITION_IDS = ["unconditional", "conditional", "conditional-every-layer"]
 
 # Gate settings that force each outcome on a fresh model, whose BCEs are near log 2 = 0.69.
 GATES = {
@@ -127,7 +132,7 @@ GATES = {
 }
 
 
-@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("conditional", CONDITIONS, ids=CONDITION_IDS)
 @pytest.mark.parametrize("gan_loss", losses.GAN_LOSSES)
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("model", ["vaegan", "vae-disl", "gan"])
@@ -144,7 +149,7 @@ def test_step_gradients_match_reference(model, gan_loss, gate, conditional):
         assert (got[name] is None) == (name == skipped)
 
 
-@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("conditional", CONDITIONS, ids=CONDITION_IDS)
 def test_vae_gradients_match_reference(conditional):
     expected, got = compare(config.LossConfig(model="vae"), conditional=conditional)
     assert set(got) == {"encoder", "decoder"} and mismatches(expected, got) == []
@@ -158,7 +163,7 @@ BUGS = {
 }
 
 
-@pytest.mark.parametrize("conditional", [False, True], ids=["unconditional", "conditional"])
+@pytest.mark.parametrize("conditional", CONDITIONS, ids=CONDITION_IDS)
 @pytest.mark.parametrize("bug", BUGS)
 def test_comparison_catches_broken_routing(bug, conditional):  # vaegan
     cfg = config.LossConfig(gamma=0.3, real_weight=0.6, llike_weight=0.5, equilibrium=None)
