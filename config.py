@@ -111,9 +111,9 @@ class TrainConfig(LossConfig):
     conditional: bool = setting(False, "condition the encoder, decoder and discriminator on the label: the class "
                                 "(mnist, fashion-mnist, cifar10, a folder's class sub-folders) or CelebA's 40 "
                                 "attributes", "model")
-    label_layers: str = setting("first", "with --conditional, where the label enters: each network's first layer "
-                                "(concatenated to z, constant image channels), or every convolution and linear "
-                                "layer, as the authors' code does", "model", choices=models.LABEL_LAYERS)
+    label_layers: str = setting("every", "with --conditional, where the label enters: every convolution and linear "
+                                "layer, as the authors' code does, or each network's first layer only (concatenated "
+                                "to z, constant image channels)", "model", choices=models.LABEL_LAYERS)
     batch_size: int = setting(64, "images per step", "training",
                               check=at_least(2, " images: BatchNorm needs two (the paper uses 64)"))
     lr: float = setting(3e-4, "RMSprop learning rate of all three networks", "training", resume=True,
@@ -163,7 +163,9 @@ class TrainConfig(LossConfig):
 
     @classmethod
     def from_saved(cls, values: dict) -> TrainConfig:
-        """The config a checkpoint or config.json holds; settings added since it was written take their defaults."""
+        """The config a checkpoint or config.json holds; settings added since it was written take their
+        defaults, except that the label entered the first layers only before --label-layers existed."""
+        values = {"label_layers": "first", **values}
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
@@ -227,9 +229,6 @@ def validate(cfg: TrainConfig) -> None:
         scored = ", ".join(name for name, spec in data.DATASETS.items() if spec.domain_classifier)
         raise UsageError(f"--eval-every measures samples with a domain classifier, which {cfg.dataset} does not "
                          f"have (only {scored}); leave it out and score a checkpoint with `main.py evaluate`.")
-    if cfg.label_layers != "first" and not cfg.conditional:
-        raise UsageError(f"--label-layers {cfg.label_layers} says where the label enters the networks, and only a "
-                         "--conditional run has one: add --conditional, or leave --label-layers out.")
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UsageError("--tensorboard writes its events with the tensorboard package, which is not installed "
                          "here: pip install tensorboard, or leave --tensorboard out.")

@@ -3,10 +3,10 @@
 Layer tables follow the 64x64 architecture of Larsen et al. 2016 (arXiv 1512.09300).
 `NetworkConfig.width` scales every channel and hidden-unit count so that small networks exist
 for CPUs and tests; width 1.0 is the paper's. With `label_dim` > 0 the networks are conditional:
-the label y is appended to the input of each network's first layer (`label_layers` "first":
-concatenated to z at the decoder, constant image channels at the encoder and the discriminator)
-or of every convolution and linear layer ("every", as the authors' code does); label_dim 0 builds
-exactly the unconditional networks.
+the label y is appended to the input of every convolution and linear layer (`label_layers`
+"every", as the authors' code does: as constant image channels, or concatenated to z and to
+vectors) or of each network's first layer only ("first"); label_dim 0 builds exactly the
+unconditional networks.
 A "model" is the method variant (`MODELS`): which of the three networks it owns. Pure modules:
 no I/O, no training logic.
 """
@@ -34,7 +34,7 @@ class NetworkConfig:
     width: float = 1.0     # multiplies every channel and hidden-unit count
     recon_layer: int = 4   # Dis_l: output of this discriminator conv (1..4), before its BatchNorm
     label_dim: int = 0     # size of the label y the networks are conditioned on (0: unconditional)
-    label_layers: str = "first"  # where y enters: each network's first layer, or "every" layer
+    label_layers: str = "every"  # where y enters: every layer, or each network's "first" layer only
 
     def __post_init__(self) -> None:
         if self.image_size < 16 or self.image_size % 8:

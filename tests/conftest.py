@@ -32,11 +32,12 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-@pytest.fixture(scope="session")
-def tiny_conditional_run(tmp_path_factory) -> Path:
-    """A tiny --conditional vaegan checkpoint, trained a few steps on MNIST."""
+@pytest.fixture(scope="session", params=["first", "every"], ids=["label-first-layer", "label-every-layer"])
+def tiny_conditional_run(tmp_path_factory, request) -> Path:
+    """A tiny --conditional vaegan checkpoint (the label at each network's first layer, or at every
+    layer), trained a few steps on MNIST."""
     run = tmp_path_factory.mktemp("runs") / "conditional"
-    result = run_cli("--conditional", "--out", str(run), "--max-steps", "3", *TINY)
+    result = run_cli("--conditional", "--label-layers", request.param, "--out", str(run), "--max-steps", "3", *TINY)
     assert result.returncode == 0, result.stderr
     return run
 

@@ -55,8 +55,12 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(monkeypatch)
     assert parse()[0].tensorboard is False
 
 
-def test_label_layers_belong_to_conditional_runs_only():
-    with pytest.raises(config.UsageError, match="add --conditional, or leave --label-layers out"):
-        parse("--label-layers", "every")
-    cfg, _ = parse("--conditional", "--label-layers", "every")
-    assert cfg.network_config(10).deep_label_dim == 10 and parse("--conditional")[0].network_config(10).deep_label_dim == 0
+def test_the_label_enters_every_layer_unless_asked_or_saved_otherwise():
+    assert parse("--conditional")[0].network_config(10).deep_label_dim == 10
+    first, _ = parse("--conditional", "--label-layers", "first")
+    assert first.network_config(10).deep_label_dim == 0
+    assert parse()[0].network_config().deep_label_dim == 0  # unconditional: no label anywhere
+    saved = config.asdict(first)
+    assert config.TrainConfig.from_saved({**saved, "label_layers": "every"}).label_layers == "every"
+    del saved["label_layers"]  # a checkpoint from before --label-layers
+    assert config.TrainConfig.from_saved(saved).label_layers == "first"

@@ -117,7 +117,8 @@ def test_conditional_networks_shapes_and_parameter_counts(channels, label_dim):
     """y adds label_dim input channels to the first convolution of the encoder and the discriminator
     (5x5 kernels) and label_dim inputs to the decoder's first linear layer; nothing else changes."""
     plain = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25)
-    cfg = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim)
+    cfg = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim,
+                        label_layers="first")
     extra = {Encoder: cfg.scaled(64) * 25, Decoder: cfg.scaled(256) * 4 ** 2, Discriminator: cfg.scaled(32) * 25}
     for net, per_label in extra.items():
         assert count_parameters(net(cfg)) == count_parameters(net(plain)) + label_dim * per_label, net.__name__
@@ -142,9 +143,9 @@ def test_labels_at_every_layer_widen_every_convolution_and_linear_layer(channels
     channels (or features), not only the first layer's; outputs keep their shapes, and the label
     still changes what each network outputs."""
     label_dim = 10
-    first = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim)
-    every = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim,
-                          label_layers="every")
+    first = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim,
+                          label_layers="first")
+    every = NetworkConfig(image_size=32, channels=channels, latent_dim=16, width=0.25, label_dim=label_dim)
     s = every.scaled
     per_label = {  # the weights each extra input feeds: later convolutions (kernel area x outputs), linears
         Encoder: (s(128) + s(256)) * 25 + s(2048) + 2 * 16,
