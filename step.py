@@ -143,16 +143,19 @@ def adversarial_forward(nets: Networks, x: torch.Tensor, eps: torch.Tensor, z_pr
                         precision: Precision, y: torch.Tensor | None
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass of every network: (mean, logvar) of q(z|x) (None, None without an encoder), the
-    generated images [x~,] x_p, and the discriminator's logits and Dis_l on x, [x~,] x_p."""
+    generated images [x~,] x_p, and the discriminator's logits and Dis_l on x, [x~,] x_p.
+
+    The decoder takes x~ and x_p as two batches, so BatchNorm normalises the prior samples by their
+    own statistics, as when sampling: the GAN term then trains the images the grids show."""
     mean = logvar = None
     with precision.autocast(x.device.type):
         if nets.encoder is not None:
             mean, logvar = nets.encoder(x, y)                             # (n, latent) each
-            codes = torch.cat([losses.reparameterize(mean, logvar, eps), z_prior])
+            generated = torch.cat([nets.decoder(losses.reparameterize(mean, logvar, eps), y),
+                                   nets.decoder(z_prior, y)])  # (2n, C, S, S): x~, x_p
         else:
-            codes = z_prior
-        code_labels = None if y is None else y.repeat(len(codes) // len(x), 1)  # x~ and x_p have x's labels
-        generated = nets.decoder(codes, code_labels)            # (2n or n, C, S, S): [x~,] x_p
+            generated = nets.decoder(z_prior, y)                # (n, C, S, S): x_p
+        code_labels = None if y is None else y.repeat(len(generated) // len(x), 1)  # x~ and x_p have x's labels
         logits, dis_l = nets.discriminator(x, generated,        # one pass over x, [x~,] x_p
                                            labels=None if y is None else torch.cat([y, code_labels]))
     return mean, logvar, generated, at_least_float32(logits), at_least_float32(dis_l)

@@ -37,9 +37,14 @@ def reference_gradients(nets, x, cfg, noise, bug=None, y=None):
         return {"encoder": torch.autograd.grad(l_prior + l_pixel, list(nets.encoder.parameters()), retain_graph=True),
                 "decoder": torch.autograd.grad(l_pixel, list(nets.decoder.parameters()))}
 
-    codes = torch.cat([z, z_prior]) if nets.encoder is not None else z_prior
-    fake_labels = None if y is None else torch.cat([y] * (len(codes) // n))
-    generated = nets.decoder(codes, fake_labels)
+    # x~ and x_p are decoded as two batches: BatchNorm normalises each by its own statistics.
+    if nets.encoder is None:
+        generated = nets.decoder(z_prior, y)
+    elif bug == "x~ and x_p in one decoder batch":
+        generated = nets.decoder(torch.cat([z, z_prior]), None if y is None else torch.cat([y, y]))
+    else:
+        generated = torch.cat([nets.decoder(z, y), nets.decoder(z_prior, y)])
+    fake_labels = None if y is None else torch.cat([y] * (len(generated) // n))
     logits, dis_l = nets.discriminator(torch.cat([x, generated]), labels=None if y is None else torch.cat([y, fake_labels]))
     real, fake = logits[:n], logits[n:]
     bce_real = bce(real, torch.ones_like(real))
@@ -160,6 +165,7 @@ BUGS = {
     "L_llike into the discriminator": "discriminator",
     "decoder helps the discriminator": "decoder",
     "drop reconstructions from the fakes": "discriminator",
+    "x~ and x_p in one decoder batch": "decoder",
 }
 
 
