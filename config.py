@@ -53,6 +53,7 @@ NOT_NEGATIVE = Check(lambda v: v >= 0, "must not be negative")
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --amp: the autocast dtype
 PRECISIONS = {"off": "float32", "bf16": "bfloat16 autocast (losses, the gate's BCEs, optimizer state and "
               "checkpoints in float32)", "fp16": "float16 autocast with loss scaling"}
+DECODER_WEIGHTS = ("average", "last")  # the checkpoint commands' --decoder
 GROUPS = ("data", "model", "loss", "training", "speed", "output")
 
 
@@ -120,6 +121,10 @@ class TrainConfig(LossConfig):
                         check=Check(lambda v: v > 0, "must be positive (the paper uses 3e-4)"))
     rmsprop_alpha: float = setting(0.9, "RMSprop smoothing constant", "training", resume=True,
                                    check=Check(lambda v: 0 <= v < 1, "must be in [0, 1) (the authors use 0.9)"))
+    ema_decay: float = setting(0.0, "decay of a moving average of the decoder's weights, which the grids, "
+                               "--eval-every and the checkpoint commands use (0: none, the last step's weights)",
+                               "training", preset=True, check=Check(lambda v: 0 <= v < 1, "must be in [0, 1) "
+                               "(0: no average; 0.999 averages over about the last thousand steps)"))
     epochs: int = setting(25, "passes over the training split", "training", preset=True, resume=True,
                           check=at_least(1))
     max_steps: int | None = setting(None, "stop after this many steps in all", "training", resume=True,
@@ -173,8 +178,8 @@ class TrainConfig(LossConfig):
 # network; `cpu` a reduced one that shows digits within minutes on a CPU, its values chosen from
 # real MNIST runs (docs/reproduction.md).
 PRESETS = {
-    "paper": dict(image_size=64, width=1.0, epochs=25, dis_gate="either"),
-    "cpu": dict(image_size=32, width=0.25, epochs=5, dis_gate="both"),
+    "paper": dict(image_size=64, width=1.0, epochs=25, dis_gate="either", ema_decay=0.0),
+    "cpu": dict(image_size=32, width=0.25, epochs=5, dis_gate="both", ema_decay=0.999),
 }
 
 
@@ -355,6 +360,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help=with_default("where the run's dataset is", "the run's own --data-root"))
     parser.add_argument("--seed", type=int, default=0,
                         help=with_default("for prior samples and the choice of images", 0))
+    parser.add_argument("--decoder", choices=DECODER_WEIGHTS, default="average", help=with_default(
+        "the decoder's weights: the moving average of a run trained with --ema-decay, or the last step's "
+        "(a run without an average has only those)", "average"))
 
 
 def count(low: int) -> Callable[[str], int]:

@@ -264,10 +264,11 @@ def reconstruction_figures(nets: models.Networks, images: torch.Tensor,
     return {"pixel_mse": float((recon - images).pow(2).mean()), "kl": float(losses.kl_divergence(mean, logvar))}, recon
 
 
-def run_description(cfg: config.TrainConfig, checkpoint: Path, step: int, num: int, batchnorm: str) -> dict:
+def run_description(cfg: config.TrainConfig, checkpoint: Path, step: int, num: int, batchnorm: str,
+                    decoder: str = "average") -> dict:
     """What the figures of `evaluate_checkpoint` were measured on."""
     return {"checkpoint": str(checkpoint), "model": cfg.model, "dataset": cfg.dataset, "step": step,
-            "conditional": cfg.conditional, "samples": num,
+            "conditional": cfg.conditional, "samples": num, "decoder_weights": utils.decoder_weights(cfg, decoder),
             "reference": f"the first {num:,} images of the held-out split",
             "sampling_batchnorm": {"batch": f"batch statistics, {models.SAMPLE_BATCH} samples a batch",
                                    "running": "running statistics"}[batchnorm],
@@ -277,11 +278,11 @@ def run_description(cfg: config.TrainConfig, checkpoint: Path, step: int, num: i
 @torch.no_grad()
 def evaluate_checkpoint(checkpoint: Path, num: int, data_root: str | None, device: torch.device, seed: int = 0,
                         inception: tuple[Path, FeatureExtractorInceptionV3] | None = None,
-                        batchnorm: str = "batch", tstr_num: int = 0) -> dict:
+                        batchnorm: str = "batch", tstr_num: int = 0, decoder: str = "average") -> dict:
     """Every figure the checkpoint's model and dataset allow, with what each was measured on. A
     conditional checkpoint's samples are drawn for the held-out images' labels, and it also gets label
     fidelity and, with `tstr_num` images, train-on-generated, test-on-real."""
-    cfg, nets, step, labels = utils.load_run(checkpoint, device)
+    cfg, nets, step, labels = utils.load_run(checkpoint, device, decoder)
     root = Path(data_root or cfg.data_root).expanduser()
     split = latent.heldout_split(cfg, str(root))
     notes = []
@@ -292,7 +293,7 @@ def evaluate_checkpoint(checkpoint: Path, num: int, data_root: str | None, devic
     y = labels.vectors(heldout_labels).to(device) if labels is not None else None
     real, fake = data.model_to_uint8(heldout).cpu(), prior_samples(nets.decoder, num, cfg.latent_dim, seed,
                                                                      batchnorm, device, y)
-    results = run_description(cfg, checkpoint, step, num, batchnorm)
+    results = run_description(cfg, checkpoint, step, num, batchnorm, decoder)
     recon = None
     if nets.encoder is not None:
         figures, recon = reconstruction_figures(nets, heldout, y)
@@ -414,7 +415,7 @@ def evaluate_command(args: argparse.Namespace) -> list[Path]:
     inception = (weights, inception_network(weights)) if weights is not None else None  # a bad file stops it here
     utils.load_checkpoint(checkpoint)  # so does a bad checkpoint, before the classifier or the features
     results = evaluate_checkpoint(checkpoint, args.num, args.data_root, device, args.seed, inception,
-                                  args.sample_batchnorm, args.tstr_num)
+                                  args.sample_batchnorm, args.tstr_num, args.decoder)
     print(format_table(results))
     utils.write_json(results, out / "evaluation.json")
     return [out / "evaluation.json"]

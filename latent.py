@@ -243,7 +243,7 @@ def open_run(args: argparse.Namespace, command: str,
     checkpoint = utils.checkpoint_path(args.checkpoint)
     out = config.output_folder(args.out, checkpoint, command, WRITES[command])
     config.check_data_root(args.data_root)
-    cfg, nets, _, labels = utils.load_run(checkpoint, device)
+    cfg, nets, _, labels = utils.load_run(checkpoint, device, args.decoder)
     if needs_encoder and nets.encoder is None:
         raise UsageError(f"`{command}` needs an encoder, and a --model {cfg.model} checkpoint has none; "
                          "use a checkpoint of vaegan, vae or vae-disl.")

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -288,6 +288,7 @@ class Run:
         self.notes = fast_path_notes + self.notes
         self.layout = kernels.memory_format(cfg.channels_last)
         self.loss_cfg = cfg.loss_config()
+        self.average = step.weight_average(self.nets.decoder, cfg.ema_decay)
         self.fixed_z, self.fixed_y = (t.to(self.device) if t is not None else None
                                       for t in fixed_codes(cfg, self.labels, self.heldout_y))
 
@@ -307,6 +308,8 @@ class Run:
             raise UsageError(f"--resume: the run is conditioned on the labels {names[0]}, but its data now has "
                              f"{names[1]}; restore the data the run was started with.")
         utils.load_networks(state, self.nets)
+        if self.average is not None:
+            utils.load_weights(self.average, state, "decoder_average")
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
             for group in optimizer.param_groups:  # a changed --lr or --rmsprop-alpha wins over the saved one
@@ -352,7 +355,7 @@ class Run:
                 for x, y, wait in self.epoch_batches_left():       # fetch
                     row = self.train_one_step(x, y, wait)           # step
                     if self.quality and self.step % self.cfg.eval_every == 0:
-                        row |= self.quality.measure(self.nets.decoder, self.cfg.latent_dim, self.device)
+                        row |= self.quality.measure(self.shown.decoder, self.cfg.latent_dim, self.device)
                     self.record(row)                                # log
                     if self.cfg.sample_every and self.step % self.cfg.sample_every == 0:
                         self.write_grids(f"step_{self.step:07d}")   # write
@@ -397,6 +400,8 @@ class Run:
         row = step.train_step(self.step_nets, self.optimizers, x, self.loss_cfg, precision=self.precision,
                               replicas=self.replicas, labels=y)
         self.step += 1
+        if self.average is not None:
+            self.average.update_parameters(self.nets.decoder)
         check_finite(row, self.cfg.model, self.step, self.out / "checkpoint.pt")
         return {"step": self.step, "epoch": self.epoch, **row, "sec_per_step": time.perf_counter() - start,
                 "data_wait": wait}
@@ -436,14 +441,19 @@ class Run:
             print(f"warning: skipped {self.skipped} unreadable image(s) so far" +
                   (f" (process {self.replicas.rank})" if self.replicas.active else ""), file=sys.stderr)
 
+    @property
+    def shown(self) -> models.Networks:
+        """The networks the grids and --eval-every use: the decoder's weight average where there is one."""
+        return self.nets if self.average is None else replace(self.nets, decoder=self.average.module)
+
     def write_grids(self, tag: str) -> None:
         """The sample grid of the fixed codes and the held-out reconstruction grid. Rank 0 writes them;
         with SyncBatchNorm every process computes them (its statistics gather over all processes)."""
         if not (self.replicas.is_main or self.cfg.sync_bn):
             return
-        samples = models.decode_with_batch_statistics(self.nets.decoder, self.fixed_z, self.fixed_y)
+        samples = models.decode_with_batch_statistics(self.shown.decoder, self.fixed_z, self.fixed_y)
         has_pairs = len(self.heldout) and self.nets.encoder is not None
-        pairs = (utils.interleave(self.heldout, models.reconstruct(self.nets, self.heldout, self.heldout_y))
+        pairs = (utils.interleave(self.heldout, models.reconstruct(self.shown, self.heldout, self.heldout_y))
                  if has_pairs else None)
         if self.replicas.is_main:
             utils.write_grid(samples, self.out / "samples" / f"{tag}.png")
@@ -469,6 +479,8 @@ class Run:
                                            self.labels)
             state["scaler"] = self.precision.scaler.state_dict() if self.precision.scaler is not None else {}
             state["processes"] = self.replicas.world_size
+            if self.average is not None:
+                state["decoder_average"] = self.average.state_dict()
             self.log.flush()
             if self.tensorboard is not None:
                 self.tensorboard.flush()

@@ -2,16 +2,18 @@
 
 `train_step` does one forward pass of the networks, then gives each network the gradient of its
 own objective only (the gradient routing of `adversarial_gradients`), then steps the optimizers.
-Also here: the precision the step computes in, the optimizers, and which networks the step
-calls (channels-last, torch.compile, DistributedDataParallel).
+Also here: the precision the step computes in, the optimizers, the decoder's weight average, and
+which networks the step calls (channels-last, torch.compile, DistributedDataParallel).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel
 
 import losses
 from config import AMP_DTYPES, LossConfig
@@ -43,6 +45,29 @@ FLOAT32 = Precision()
 def build_optimizers(nets: Networks, lr: float, alpha: float) -> dict[str, torch.optim.Optimizer]:
     """One RMSprop per network."""
     return {name: torch.optim.RMSprop(module.parameters(), lr=lr, alpha=alpha) for name, module in nets.modules().items()}
+
+
+def weight_average(decoder: nn.Module, decay: float) -> AveragedModel | None:
+    """A moving average of the decoder's weights and BatchNorm statistics (None for decay 0), updated
+    after each step by `update_parameters`. A GAN's generator wanders around a good solution as the
+    discriminator moves; the average sits nearer its centre."""
+    if decay == 0:
+        return None
+    return AveragedModel(decoder, multi_avg_fn=debiased_ema(decay), use_buffers=True)
+
+
+def debiased_ema(decay: float) -> Callable:
+    """AveragedModel's update: after n steps, every step's weights weighted by decay^(steps since),
+    normalised to sum to 1, so that early in a run the average is not dominated by the initial weights."""
+    @torch.no_grad()
+    def update(averages: list[torch.Tensor], currents: list[torch.Tensor], steps_before: torch.Tensor) -> None:
+        weight = (1 - decay) / (1 - decay ** (steps_before.double() + 1))  # a tensor: no device sync
+        for average, current in zip(averages, currents):
+            if average.is_floating_point():
+                average.lerp_(current, weight.to(average.dtype))
+            else:  # BatchNorm's count of batches
+                average.copy_(current)
+    return update
 
 
 def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool, device: torch.device,

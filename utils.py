@@ -193,15 +193,29 @@ def checkpoint_state(nets: models.Networks, optimizers: dict[str, torch.optim.Op
 def load_networks(state: dict, nets: models.Networks) -> None:
     """Load a checkpoint's weights; CheckpointError if they were made for another model."""
     for name, module in nets.modules().items():
-        if name not in state:
-            raise CheckpointError(f"the checkpoint holds no {name}, which its model needs; it is damaged or "
-                                  "edited. Use a checkpoint written by this tool.")
-        try:
-            module.load_state_dict(state[name])
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"the checkpoint's {name} does not fit the model its config describes ({str(error).splitlines()[0]}); "
-                "it was made for another model or edited. Use a checkpoint written by this tool.") from None
+        load_weights(module, state, name)
+
+
+def load_weights(module: torch.nn.Module, state: dict, name: str, prefix: str = "") -> None:
+    """module.load_state_dict(state[name]) (only its keys that start with `prefix`, which is dropped);
+    CheckpointError if they are missing or do not fit."""
+    if name not in state:
+        raise CheckpointError(f"the checkpoint holds no {name}, which its model needs; it is damaged or "
+                              "edited. Use a checkpoint written by this tool.")
+    try:
+        module.load_state_dict({key.removeprefix(prefix): value for key, value in state[name].items()
+                                if key.startswith(prefix)})
+    except (RuntimeError, AttributeError) as error:
+        raise CheckpointError(
+            f"the checkpoint's {name} does not fit the model its config describes ({str(error).splitlines()[0]}); "
+            "it was made for another model or edited. Use a checkpoint written by this tool.") from None
+
+
+def decoder_weights(cfg: config.TrainConfig, choice: str) -> str:
+    """Which of a run's decoder weights --decoder `choice` (average or last) gives, in words."""
+    if cfg.ema_decay and choice == "average":
+        return f"the moving average of its weights (decay {cfg.ema_decay})"
+    return "the last step's weights" + ("" if cfg.ema_decay else " (the run kept no average)")
 
 
 def checkpoint_labels(state: dict) -> data.Labels | None:
@@ -211,10 +225,10 @@ def checkpoint_labels(state: dict) -> data.Labels | None:
     return data.Labels(tuple(saved["names"]), saved["attributes"]) if saved else None
 
 
-def load_run(checkpoint: str | Path,
-             device: torch.device) -> tuple[config.TrainConfig, models.Networks, int, data.Labels | None]:
-    """The config, the networks (in evaluation mode, on `device`), the step and the labels (None:
-    unconditional) of a checkpoint."""
+def load_run(checkpoint: str | Path, device: torch.device,
+             decoder: str = "average") -> tuple[config.TrainConfig, models.Networks, int, data.Labels | None]:
+    """The config, the networks (in evaluation mode, on `device`; the decoder's weight average where the
+    run kept one and `decoder` is "average"), the step and the labels (None: unconditional) of a checkpoint."""
     state = load_checkpoint(checkpoint)
     cfg = config.TrainConfig.from_saved(state["config"])
     labels = checkpoint_labels(state)
@@ -224,6 +238,8 @@ def load_run(checkpoint: str | Path,
                               "it is damaged or edited. Use a checkpoint written by this tool.")
     nets = models.build_networks(cfg.network_config(labels.dim if labels else 0), "cpu", cfg.model)
     load_networks(state, nets)
+    if cfg.ema_decay and decoder == "average":  # the average's state: "module."-prefixed weights and a count
+        load_weights(nets.decoder, state, "decoder_average", prefix="module.")
     for module in nets.modules().values():
         module.to(device).eval()
     return cfg, nets, state["step"], labels

@@ -100,6 +100,7 @@ def test_evaluate_prints_a_table_and_writes_json(tiny_runs, tmp_path, writable_m
     assert 0 <= report["precision[mnist-cnn]"] <= 1 and 0 <= report["recall[mnist-cnn]"] <= 1
     assert "mnist-cnn" in report["feature_networks"] and report["sampling_batchnorm"].startswith("batch statistics")
     assert "200" in report["reference"] and "uint8" in report["images"]
+    assert report["decoder_weights"] == "the moving average of its weights (decay 0.999)"  # the cpu preset's
     assert "fid[mnist-cnn]" in result.stdout
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 import config
 import latent
 import models
+import utils
 from conftest import TINY, run_cli, write_images
 
 
@@ -103,6 +104,41 @@ def test_attributes_from_a_csv_for_a_folder_dataset(tmp_path):
     result = command("attributes", "--checkpoint", str(run), "--labels", str(tmp_path / "labels.csv"),
                      "--attribute", "Hat")
     assert result.returncode == 2 and "unknown attribute 'Hat'" in result.stderr and "Smiling" in result.stderr
+
+
+def test_decoder_average_or_last_weights(runs, tmp_path):
+    """The cpu preset keeps a moving average of the decoder; --decoder picks it (the default) or the
+    last step's weights, and a run without an average has only those."""
+    grids = {}
+    for choice in ("average", "last"):
+        result = command("sample", "--checkpoint", str(runs["vaegan"]), "--num", "8", "--decoder", choice,
+                         "--out", str(tmp_path / choice))
+        assert result.returncode == 0, result.stderr
+        grids[choice] = np.load(tmp_path / choice / "samples.npz")["images"]
+    assert not np.array_equal(grids["average"], grids["last"])
+    result = command("sample", "--checkpoint", str(runs["vaegan"]), "--num", "8", "--out", str(tmp_path / "default"))
+    assert np.array_equal(np.load(tmp_path / "default" / "samples.npz")["images"], grids["average"])
+    _, nets, _, _ = utils.load_run(runs["vaegan"], torch.device("cpu"), "last")
+    state = torch.load(runs["vaegan"] / "checkpoint.pt", weights_only=True)
+    assert all(torch.equal(v, state["decoder"][k]) for k, v in nets.decoder.state_dict().items())
+    state["config"]["ema_decay"] = 0.0  # as a run without an average
+    del state["decoder_average"]
+    torch.save(state, tmp_path / "no-average.pt")
+    _, plain, _, _ = utils.load_run(tmp_path / "no-average.pt", torch.device("cpu"), "average")
+    assert all(torch.equal(v, state["decoder"][k]) for k, v in plain.decoder.state_dict().items())
+    assert "the run kept no average" in utils.decoder_weights(config.TrainConfig(), "average")
+
+
+def test_a_checkpoint_with_a_damaged_average_is_a_clear_error(runs, tmp_path):
+    state = torch.load(runs["vaegan"] / "checkpoint.pt", weights_only=True)
+    del state["decoder_average"]
+    torch.save(state, tmp_path / "damaged.pt")
+    result = command("sample", "--checkpoint", str(tmp_path / "damaged.pt"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "holds no decoder_average" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    result = command("sample", "--checkpoint", str(tmp_path / "damaged.pt"), "--decoder", "last",
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr  # the last step's weights are still there
 
 
 @pytest.mark.parametrize("args, words", [

@@ -33,6 +33,9 @@ def assert_same_state(a, b):
             assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
         for p, q in zip(a["optimizers"][name]["state"].values(), b["optimizers"][name]["state"].values()):
             assert all(torch.equal(p[k], q[k]) for k in p), f"{name} optimizer"
+    assert a.keys() == b.keys()
+    for key in a.get("decoder_average", {}):  # the cpu preset keeps a moving average of the decoder
+        assert torch.equal(a["decoder_average"][key], b["decoder_average"][key]), f"decoder_average.{key}"
 
 
 def load(run):

@@ -242,3 +242,23 @@ def test_bf16_step_gradients_match_the_float32_reference_within_bf16_precision(m
 ])
 def test_equilibrium_gate_rules(dis_gate, bce, expected):
     assert step.equilibrium_gate(*bce, config.LossConfig(dis_gate=dis_gate)) == expected
+
+
+def test_weight_average_weights_every_step_by_decay_to_the_age():
+    decoder = models.Decoder(TINY)
+    assert step.weight_average(decoder, 0.0) is None
+    average = step.weight_average(decoder, 0.9)
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            for p in decoder.parameters():
+                p.add_(torch.randn_like(p))
+        for m in decoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.num_batches_tracked += 1
+        seen.append(next(decoder.parameters()).detach().clone())
+        average.update_parameters(decoder)
+    expected = (0.81 * seen[0] + 0.9 * seen[1] + seen[2]) / 2.71  # decay^age, normalised
+    assert torch.allclose(next(average.module.parameters()), expected, atol=1e-5)
+    counts = [m.num_batches_tracked.item() for m in average.module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert counts and set(counts) == {3}
