@@ -32,6 +32,7 @@ def test_help_lists_every_option():
     (["--recon-layer", "5"], "out of range"),
     (["--gamma", "2"], "--gamma 2.0 must be in [0, 1]"),
     (["--lr", "-1"], "must be positive"),
+    (["--ema-decay", "1"], "--ema-decay 1.0 must be in [0, 1)"),
     (["--equilibrium", "nan"], "must be a finite number"),
     (["--device", "cuda:7"], "cuda"),
     (["--device", "tpu"], "not a device"),
