@@ -141,10 +141,7 @@ def finished_run(tmp_path_factory):
 def test_a_fresh_process_reproduces_the_sample_grid(finished_run, tmp_path):
     code = (
         "import sys, torch, config, kernels, main, models, utils\n"
-        "state = utils.load_checkpoint(sys.argv[1])\n"
-        "cfg = config.TrainConfig.from_saved(state['config'])\n"
-        "nets = models.build_networks(cfg.network_config(), 'cpu', cfg.model)\n"
-        "utils.load_networks(state, nets)\n"
+        "cfg, nets, _, _ = utils.load_run(sys.argv[1], torch.device('cpu'))\n"  # the decoder's average, as the grids
         "nets.decoder.to(memory_format=kernels.memory_format(cfg.channels_last))\n"  # as the run computed its grids
         "z = torch.randn(main.SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed))\n"
         "utils.write_grid(models.decode_with_batch_statistics(nets.decoder, z), sys.argv[2])\n"
