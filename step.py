@@ -61,7 +61,7 @@ def debiased_ema(decay: float) -> Callable:
     normalised to sum to 1, so that early in a run the average is not dominated by the initial weights."""
     @torch.no_grad()
     def update(averages: list[torch.Tensor], currents: list[torch.Tensor], steps_before: torch.Tensor) -> None:
-        weight = (1 - decay) / (1 - decay ** (steps_before.double() + 1))  # a tensor: no device sync
+        weight = (1 - decay) / (1 - decay ** (steps_before.float() + 1))  # a tensor: no device sync (MPS: no float64)
         for average, current in zip(averages, currents):
             if average.is_floating_point():
                 average.lerp_(current, weight.to(average.dtype))
