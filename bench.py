@@ -66,10 +66,7 @@ def naive_step(nets: Networks, optimizers: dict[str, torch.optim.Optimizer], x: 
     eps, z_prior = noise if noise is not None else torch.randn(2, n, nets.encoder.mean.out_features, device=x.device)
     mean, logvar = nets.encoder(x)
     z = losses.reparameterize(mean, logvar, eps)
-    recon = nets.decoder(z)
-    with models.running_statistics_kept(nets.decoder):
-        prior = nets.decoder(z_prior)
-    generated = torch.cat([recon, prior])
+    generated = torch.cat([nets.decoder(z), nets.decoder(z_prior)])
     logits, dis_l = nets.discriminator(x, generated)
     loss_prior = losses.kl_divergence(mean, logvar)
     loss_llike = losses.feature_nll(dis_l[n:2 * n], dis_l[:n])

@@ -12,7 +12,6 @@ no I/O, no training logic.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -313,20 +312,6 @@ def in_batches(x: torch.Tensor, y: torch.Tensor | None, size: int) -> list[tuple
 SAMPLE_BATCH = 64  # prior samples normalised together when decoding with batch statistics, as in a grid
 
 
-@contextlib.contextmanager
-def running_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Within this block, BatchNorm layers of `module` in training mode normalise by the batch's own
-    statistics without moving their running ones."""
-    norms = list(batch_norms(module))
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
 @torch.no_grad()
 def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Decode (with labels `y`, for conditional networks) in batches of SAMPLE_BATCH codes, BatchNorm
@@ -335,12 +320,16 @@ def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor, y: torch.T
     This is how the sample grids are drawn: prior samples look better so than with the running
     averages (docs/reproduction.md compares the two).
     """
+    norms = list(batch_norms(decoder))
     was_training = decoder.training
     decoder.train()
+    for m in norms:
+        m.track_running_stats = False
     try:
-        with running_statistics_kept(decoder):
-            return torch.cat([decoder(chunk, label) for chunk, label in in_batches(z, y, SAMPLE_BATCH)])
+        return torch.cat([decoder(chunk, label) for chunk, label in in_batches(z, y, SAMPLE_BATCH)])
     finally:
+        for m in norms:
+            m.track_running_stats = True
         decoder.train(was_training)
 
 

@@ -16,7 +16,6 @@ import torch.nn as nn
 from torch.optim.swa_utils import AveragedModel
 
 import losses
-import models
 from config import AMP_DTYPES, LossConfig
 from distributed import SINGLE, Replicas
 from models import Networks
@@ -172,16 +171,13 @@ def adversarial_forward(nets: Networks, x: torch.Tensor, eps: torch.Tensor, z_pr
     generated images [x~,] x_p, and the discriminator's logits and Dis_l on x, [x~,] x_p.
 
     The decoder takes x~ and x_p as two batches, so BatchNorm normalises the prior samples by their
-    own statistics, as when sampling: the GAN term then trains the images the grids show. Only x~
-    moves the decoder's running statistics, which reconstructions are decoded with."""
+    own statistics, as when sampling: the GAN term then trains the images the grids show."""
     mean = logvar = None
     with precision.autocast(x.device.type):
         if nets.encoder is not None:
             mean, logvar = nets.encoder(x, y)                             # (n, latent) each
-            recon = nets.decoder(losses.reparameterize(mean, logvar, eps), y)
-            with models.running_statistics_kept(nets.decoder):  # the running ones decode reconstructions
-                prior = nets.decoder(z_prior, y)
-            generated = torch.cat([recon, prior])               # (2n, C, S, S): x~, x_p
+            generated = torch.cat([nets.decoder(losses.reparameterize(mean, logvar, eps), y),
+                                   nets.decoder(z_prior, y)])  # (2n, C, S, S): x~, x_p
         else:
             generated = nets.decoder(z_prior, y)                # (n, C, S, S): x_p
         code_labels = None if y is None else y.repeat(len(generated) // len(x), 1)  # x~ and x_p have x's labels
