@@ -85,8 +85,8 @@ class LossConfig:
     gan_loss: str = setting("minimax", "decoder's GAN objective", "loss", choices=losses.GAN_LOSSES, resume=True)
     equilibrium: float | None = setting(0.68, "centre of the BCE band that gates updates", "loss", resume=True,
                                         none_flag=("--no-equilibrium", "update both networks every step"))
-    margin: float = setting(0.35, "half-width of that band", "loss", resume=True,
-                            check=Check(lambda v: v >= 0, "must not be negative (default 0.35)"))
+    margin: float = setting(0.35, "half-width of that band", "loss", resume=True, preset=True,
+                            check=Check(lambda v: v >= 0, "must not be negative (the paper's is 0.35)"))
     dis_gate: str = setting("either", "the gate skips the discriminator when either of its BCEs is below the band "
                             "(the authors' rule) or only when both are", "loss", choices=("either", "both"),
                             resume=True, preset=True)
@@ -178,8 +178,8 @@ class TrainConfig(LossConfig):
 # network; `cpu` a reduced one that shows digits within minutes on a CPU, its values chosen from
 # real MNIST runs (docs/reproduction.md).
 PRESETS = {
-    "paper": dict(image_size=64, width=1.0, epochs=25, dis_gate="either", ema_decay=0.0),
-    "cpu": dict(image_size=32, width=0.25, epochs=5, dis_gate="both", ema_decay=0.999),
+    "paper": dict(image_size=64, width=1.0, epochs=25, margin=0.35, dis_gate="either", ema_decay=0.0),
+    "cpu": dict(image_size=32, width=0.25, epochs=5, margin=0.25, dis_gate="both", ema_decay=0.999),
 }
 
 

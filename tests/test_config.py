@@ -21,11 +21,14 @@ def test_auto_preset_on_cpu_is_the_cpu_preset_and_explicit_flags_win():
     cfg, line = parse("--dataset", "mnist")
     assert cfg.preset == "cpu" and "preset cpu (auto on cpu)" in line and "--preset paper" in line
     assert {key: getattr(cfg, key) for key in config.PRESETS["cpu"]} == config.PRESETS["cpu"]
-    assert (cfg.image_size, cfg.width, cfg.epochs, cfg.dis_gate, cfg.ema_decay) == (32, 0.25, 5, "both", 0.999)
+    assert (cfg.image_size, cfg.width, cfg.epochs, cfg.margin, cfg.dis_gate, cfg.ema_decay) == \
+        (32, 0.25, 5, 0.25, "both", 0.999)
     assert (cfg.gamma, cfg.llike_weight) == (1e-5, 1.0)
     cfg, _ = parse("--preset", "paper", "--epochs", "3", "--width", "0.5")
-    assert (cfg.image_size, cfg.width, cfg.epochs, cfg.dis_gate, cfg.ema_decay) == (64, 0.5, 3, "either", 0.0)
+    assert (cfg.image_size, cfg.width, cfg.epochs, cfg.margin, cfg.dis_gate, cfg.ema_decay) == \
+        (64, 0.5, 3, 0.35, "either", 0.0)
     assert parse("--ema-decay", "0")[0].ema_decay == 0.0
+    assert parse("--margin", "0.35")[0].margin == 0.35
     assert parse("--dis-gate", "either")[0].dis_gate == "either"
     on_gpu, _ = parse(device="cuda")
     assert on_gpu.preset == "paper" and on_gpu.image_size == 64
