@@ -8,7 +8,9 @@ quantised to uint8 first, as a tool that reads image files sees them. Two featur
     fidelity only): four convolutions on 28x28 images, trained once on the training split and
     cached under <data root>/classifiers; offline, always. Its
     figures carry its name: fid[mnist-cnn], kid[mnist-cnn], ...; its predictions also say how
-    often a reconstruction keeps its class, recon_accuracy[mnist-cnn].
+    often a reconstruction keeps its class, recon_accuracy[mnist-cnn], and how many samples it
+    recognises as one class with probability 0.9 or more, confident[mnist-cnn] (held-out
+    images: confident_heldout[mnist-cnn]).
   * the Inception network of the FID literature (torch-fidelity's TensorFlow-compatible
     InceptionV3, with the weights file pytorch-fid and torch-fidelity use): fid[inception],
     comparable with papers, when --inception-weights names the file or it lies in torch's
@@ -118,6 +120,15 @@ def accuracy(model: DomainClassifier, images: torch.Tensor, targets: torch.Tenso
     logits, _ = outputs(model, images)
     predicted = logits > 0 if targets.dim() == 2 else logits.argmax(1)
     return float((predicted == targets.to(predicted.dtype)).float().mean())
+
+
+CONFIDENT = 0.9  # the class probability that counts an image as a recognisable member of its class
+
+
+def confident_share(logits: torch.Tensor) -> float:
+    """The share of images the classifier gives one class at least CONFIDENT probability: of samples, how
+    many read as a recognisable digit (or garment); the held-out images' own share is its ceiling."""
+    return float((logits.float().softmax(1).amax(1) >= CONFIDENT).float().mean())
 
 
 def labelled_uint8(split: data.Split, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,9 +385,11 @@ def domain_figures(dataset: str, root: Path, real: torch.Tensor, fake: torch.Ten
     classifier, accuracy = cached_classifier(dataset, root)
     name = f"{dataset}-cnn"
     networks[name] = f"the {dataset} classifier's 128 penultimate features (test accuracy {accuracy:.2%})"
-    (_, real_features), (_, fake_features) = classify(classifier, real), classify(classifier, fake)
+    (real_logits, real_features), (fake_logits, fake_features) = outputs(classifier, real), outputs(classifier, fake)
     figures = {f"{key}[{name}]": value for key, value in distances(real_features, fake_features).items()}
     figures[f"classifier_test_accuracy[{name}]"] = accuracy
+    figures[f"confident[{name}]"] = confident_share(fake_logits)
+    figures[f"confident_heldout[{name}]"] = confident_share(real_logits)
     if recon is not None:
         predicted, _ = classify(classifier, data.model_to_uint8(recon))
         figures[f"recon_accuracy[{name}]"] = float((predicted == labels.to(predicted.device)).float().mean())

@@ -98,6 +98,7 @@ def test_evaluate_prints_a_table_and_writes_json(tiny_runs, tmp_path, writable_m
     assert report["classifier_test_accuracy[mnist-cnn]"] >= 0.99
     assert report["fid[mnist-cnn]"] > 0 and report["kid[mnist-cnn]"] > 0 and 0 <= report["recon_accuracy[mnist-cnn]"] <= 1
     assert 0 <= report["precision[mnist-cnn]"] <= 1 and 0 <= report["recall[mnist-cnn]"] <= 1
+    assert 0 <= report["confident[mnist-cnn]"] <= 1 and report["confident_heldout[mnist-cnn]"] >= 0.9
     assert "mnist-cnn" in report["feature_networks"] and report["sampling_batchnorm"].startswith("batch statistics")
     assert "200" in report["reference"] and "uint8" in report["images"]
     assert report["decoder_weights"] == "the moving average of its weights (decay 0.999)"  # the cpu preset's
@@ -113,6 +114,24 @@ def test_classifier_fid_is_near_zero_for_identical_sets_and_large_for_different_
     _, b = evaluate.classify(classifier, zeros)
     assert abs(evaluate.distances(a, a)["fid"]) < 1e-3
     assert evaluate.distances(a, b)["fid"] > 100 * max(1.0, evaluate.distances(a[:150], a[150:])["fid"])
+
+
+def test_confident_share_counts_class_probabilities_of_at_least_0_9():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 2.0]])  # 0.987, 0.333, 0.787
+    assert evaluate.confident_share(logits) == pytest.approx(1 / 3)
+    assert evaluate.confident_share(logits.bfloat16()) == pytest.approx(1 / 3)
+
+
+def test_confident_share_is_high_for_digits_and_low_for_blends_and_noise(writable_mnist_root):
+    classifier, _ = evaluate.cached_classifier("mnist", writable_mnist_root)
+    heldout = evaluate.data.load_dataset("mnist", writable_mnist_root, 28).heldout
+    images, labels = heldout.images[:2000], heldout.labels[:2000]
+    differ = labels[:1000] != labels[1000:]
+    blends = ((images[:1000][differ].float() + images[1000:][differ].float()) / 2).to(torch.uint8)
+    noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    share = {name: evaluate.confident_share(evaluate.outputs(classifier, batch)[0])
+             for name, batch in (("digits", images), ("blends", blends), ("noise", noise))}
+    assert share["digits"] >= 0.9 and share["blends"] < share["digits"] - 0.3 and share["noise"] < 0.3, share
 
 
 def test_evaluate_rejects_a_count_too_small_for_fid(tiny_runs):
