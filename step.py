@@ -91,6 +91,7 @@ def fast_paths(nets: Networks, amp: str, channels_last: bool, compile: bool, dev
     step_nets = Networks(**{name: replicas.wrap(m) for name, m in nets.modules().items()})
     if compile:
         torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
+        torch._functorch.config.donated_buffer = False  # the step walks some graphs backward twice (retain_graph)
         step_nets = Networks(**{name: torch.compile(m) for name, m in step_nets.modules().items()})
         notes.append("torch.compile: the first steps are slow while the networks compile")
     return step_nets, Precision(dtype, scaler), notes

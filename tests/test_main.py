@@ -136,6 +136,7 @@ def test_fast_paths_run_on_the_cpu_too(tmp_path, flags, note):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(float(r["loss_llike"]) == float(r["loss_llike"]) for r in rows)  # no NaN
+    assert any(float(r["update_dis"]) for r in rows)  # the discriminator's backward pass ran, reused by L_llike's
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(key.startswith("_orig_mod") for key in state["encoder"])  # plain weights, also when compiled
 
