@@ -152,8 +152,8 @@ class TrainConfig(LossConfig):
                                     resume=True,
                                     check=Check(lambda v: v >= 0, "must not be negative (0: epoch ends only)"))
     overwrite: bool = setting(False, "reuse an --out folder that already holds a run", "output", resume=True)
-    eval_every: int = setting(0, "also measure sample quality every N steps: FID and KID of 2,000 prior samples in "
-                              "the domain classifier's features (mnist, fashion-mnist), into metrics.csv and "
+    eval_every: int = setting(0, "also measure sample quality every N steps: FID, KID and the confident share of "
+                              "2,000 prior samples by the domain classifier (mnist, fashion-mnist), into metrics.csv and "
                               "plots/sample_quality.png (0: never)", "output", resume=True, check=NOT_NEGATIVE)
     tensorboard: bool = setting(False, "also write TensorBoard events in <run>/tb: every metrics.csv column and the "
                                 "grids (needs the tensorboard package)", "output", resume=True)

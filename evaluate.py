@@ -253,15 +253,16 @@ class SampleQuality:
         _, self.real = classify(self.classifier, data.model_to_uint8(real))
 
     def columns(self) -> list[str]:
-        return [f"fid[{self.name}]", f"kid[{self.name}]"]
+        return [f"fid[{self.name}]", f"kid[{self.name}]", f"confident[{self.name}]"]
 
     def measure(self, decoder: nn.Module, latent_dim: int, device: torch.device) -> dict[str, float]:
-        """FID and KID of `count` prior samples (fixed codes, batch statistics), in the networks' current state."""
+        """FID, KID and the confident share of `count` prior samples (fixed codes, batch statistics), in the
+        networks' current state."""
         samples = prior_samples(decoder, self.count, latent_dim, 0, "batch", device, self.y)
-        _, fake = classify(self.classifier, samples)
+        logits, fake = outputs(self.classifier, samples)
         with torch.random.fork_rng(devices=[]):  # KID draws its subsets: training's random numbers stay as they were
             figures = distances(self.real, fake, precision_recall=False)
-        return dict(zip(self.columns(), (figures["fid"], figures["kid"])))
+        return dict(zip(self.columns(), (figures["fid"], figures["kid"], confident_share(logits))))
 
 
 @torch.no_grad()

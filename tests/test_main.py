@@ -305,6 +305,8 @@ def test_eval_every_measures_sample_quality_into_metrics_and_a_plot(tmp_path, wr
     measured = {int(r["step"]): float(r["fid[mnist-cnn]"]) for r in rows if r["fid[mnist-cnn]"] != "nan"}
     assert sorted(measured) == [100, 200, 300, 400]
     assert all(float(r["kid[mnist-cnn]"]) > 0 for r in rows if int(r["step"]) in measured)
+    confident = {int(r["step"]): float(r["confident[mnist-cnn]"]) for r in rows if int(r["step"]) in measured}
+    assert all(0 <= share <= 1 for share in confident.values())
     assert measured[400] < measured[100]
     with Image.open(out / "plots" / "sample_quality.png") as image:
         image.verify()
