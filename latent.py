@@ -29,8 +29,20 @@ def encode(nets: Networks, images: torch.Tensor, y: torch.Tensor | None = None, 
 
 
 def decode(nets: Networks, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Images from codes (and labels), BatchNorm with batch statistics (as the training grids are drawn)."""
+    """Prior samples from codes (and labels), BatchNorm with batch statistics (as the training grids are drawn)."""
     return models.decode_with_batch_statistics(nets.decoder, z, y)
+
+
+def decode_each(nets: Networks, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Images from codes (and labels), each on its own: BatchNorm with the running statistics. Batch
+    statistics would make an image depend on the other codes of its batch and normalise away a shift
+    that all of them share, such as an attribute vector."""
+    mode = nets.decoder.training
+    nets.decoder.eval()
+    try:
+        return torch.cat([nets.decoder(chunk, label) for chunk, label in models.in_batches(z, y, 256)])
+    finally:
+        nets.decoder.train(mode)
 
 
 def heldout_split(cfg: TrainConfig, data_root: str | None) -> data.Split:
@@ -179,7 +191,7 @@ def write_interpolation(nets: Networks, start: torch.Tensor, end: torch.Tensor, 
     """One row per (start, end) code pair: `steps` evenly spaced points on the line between them; a
     conditional checkpoint's label vectors walk the line between their (start, end) `labels` too."""
     y = line(*labels, steps) if labels is not None else None
-    images = decode(nets, line(start, end, steps), y)
+    images = decode_each(nets, line(start, end, steps), y)
     path = out / "interpolation.png"
     utils.write_grid(images, path, nrow=steps)
     return [path]
@@ -197,7 +209,7 @@ def attribute_vector(z: torch.Tensor, has_attribute: torch.Tensor) -> torch.Tens
 def write_attribute_grid(nets: Networks, queries: torch.Tensor, vector: torch.Tensor, path: Path) -> Path:
     """Columns: original, reconstruction, reconstruction - vector, reconstruction + vector."""
     z = encode(nets, queries)
-    columns = [queries, decode(nets, z), decode(nets, z - vector), decode(nets, z + vector)]
+    columns = [queries, decode_each(nets, z), decode_each(nets, z - vector), decode_each(nets, z + vector)]
     utils.write_grid(torch.stack(columns, dim=1).flatten(0, 1), path, nrow=4)
     return path
 

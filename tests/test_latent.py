@@ -63,15 +63,26 @@ def test_interpolate_rows_walk_between_the_endpoints(runs, tmp_path):
 def test_interpolation_endpoints_are_the_codes():
     nets = models.build_networks(models.NetworkConfig(image_size=16, width=0.125, latent_dim=8))
     captured = []
-    original = latent.decode
-    latent.decode = lambda nets, z, y=None: (captured.append(z), original(nets, z, y))[1]
+    original = latent.decode_each
+    latent.decode_each = lambda nets, z, y=None: (captured.append(z), original(nets, z, y))[1]
     try:
         start, end = torch.zeros(2, 8), torch.ones(2, 8)
         latent.write_interpolation(nets, start, end, 3, __import__("pathlib").Path("/tmp/vaegan-test-interp"))
     finally:
-        latent.decode = original
+        latent.decode_each = original
     rows = captured[0].view(2, 3, 8)
     assert torch.equal(rows[:, 0], start) and torch.equal(rows[:, 2], end) and torch.allclose(rows[:, 1], 0.5 * end)
+
+
+def test_codes_of_images_are_decoded_each_on_its_own():
+    """Interpolation and attribute columns: an image depends on its code alone, and a vector added to
+    every code changes the images (batch statistics would normalise it away)."""
+    nets = models.build_networks(models.NetworkConfig(image_size=16, width=0.125, latent_dim=8))
+    z = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    alone = torch.cat([latent.decode_each(nets, code[None]) for code in z])
+    assert torch.allclose(latent.decode_each(nets, z), alone, atol=1e-5)
+    assert (latent.decode_each(nets, z + 2.0) - latent.decode_each(nets, z)).abs().max() > 1e-2
+    assert nets.decoder.training
 
 
 def test_attribute_vector_is_the_difference_of_class_means():
