@@ -228,14 +228,8 @@ def prior_samples(decoder: nn.Module, count: int, latent_dim: int, seed: int, ba
     BatchNorm's batch statistics (`batch`, as the training grids) or its running ones (`running`)."""
     z = torch.randn(count, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     y = y.to(device) if y is not None else None
-    if batchnorm == "batch":
-        images = [models.decode_with_batch_statistics(decoder, z, y)]
-    else:
-        mode = decoder.training
-        decoder.eval()
-        images = [decoder(chunk, label) for chunk, label in models.in_batches(z, y, 500)]
-        decoder.train(mode)
-    return data.model_to_uint8(torch.cat(images)).cpu()
+    decode = models.decode_with_batch_statistics if batchnorm == "batch" else models.decode_with_running_statistics
+    return data.model_to_uint8(decode(decoder, z, y)).cpu()
 
 
 class SampleQuality:

@@ -37,12 +37,7 @@ def decode_each(nets: Networks, z: torch.Tensor, y: torch.Tensor | None = None) 
     """Images from codes (and labels), each on its own: BatchNorm with the running statistics. Batch
     statistics would make an image depend on the other codes of its batch and normalise away a shift
     that all of them share, such as an attribute vector."""
-    mode = nets.decoder.training
-    nets.decoder.eval()
-    try:
-        return torch.cat([nets.decoder(chunk, label) for chunk, label in models.in_batches(z, y, 256)])
-    finally:
-        nets.decoder.train(mode)
+    return models.decode_with_running_statistics(nets.decoder, z, y)
 
 
 def heldout_split(cfg: TrainConfig, data_root: str | None) -> data.Split:

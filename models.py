@@ -334,6 +334,19 @@ def decode_with_batch_statistics(decoder: nn.Module, z: torch.Tensor, y: torch.T
 
 
 @torch.no_grad()
+def decode_with_running_statistics(decoder: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None,
+                                   batch: int = 500) -> torch.Tensor:
+    """Decode (with labels `y`, for conditional networks) in evaluation mode, so that BatchNorm uses its
+    running statistics and each image depends on its own code alone; batches only bound the memory."""
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        return torch.cat([decoder(chunk, label) for chunk, label in in_batches(z, y, batch)])
+    finally:
+        decoder.train(was_training)
+
+
+@torch.no_grad()
 def reconstruct(nets: Networks, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Dec(mean of q(z|x[, y])[, y]) with the networks in evaluation mode (their running statistics)."""
     modes = nets.encoder.training, nets.decoder.training

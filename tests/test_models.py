@@ -111,6 +111,18 @@ def test_sampling_with_batch_statistics_leaves_running_statistics_alone():
     assert all(torch.equal(before[k], v) for k, v in nets.decoder.state_dict().items())
 
 
+def test_decoding_with_running_statistics_gives_each_code_its_own_image():
+    """Batches only bound the memory: an image is the same whatever codes share its batch."""
+    nets = models.build_networks(NetworkConfig(image_size=16, width=0.125, latent_dim=8))
+    nets.decoder(torch.randn(32, 8))  # one training-mode pass moves the running statistics off their start
+    z = torch.randn(5, 8)
+    whole = models.decode_with_running_statistics(nets.decoder, z)
+    assert nets.decoder.training
+    assert torch.allclose(models.decode_with_running_statistics(nets.decoder, z, batch=2), whole, atol=1e-6)
+    assert torch.allclose(models.decode_with_running_statistics(nets.decoder, z[:1]), whole[:1], atol=1e-6)
+    assert not torch.allclose(models.decode_with_batch_statistics(nets.decoder, z), whole, atol=1e-3)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("label_dim", [10, 40])
 def test_conditional_networks_shapes_and_parameter_counts(channels, label_dim):
