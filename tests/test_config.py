@@ -22,7 +22,7 @@ def test_auto_preset_on_cpu_is_the_cpu_preset_and_explicit_flags_win():
     assert cfg.preset == "cpu" and "preset cpu (auto on cpu)" in line and "--preset paper" in line
     assert {key: getattr(cfg, key) for key in config.PRESETS["cpu"]} == config.PRESETS["cpu"]
     assert (cfg.image_size, cfg.width, cfg.epochs, cfg.margin, cfg.dis_gate, cfg.ema_decay) == \
-        (32, 0.25, 5, 0.05, "both", 0.999)
+        (32, 0.25, 5, 0.0, "both", 0.999)
     assert (cfg.gamma, cfg.llike_weight) == (1e-5, 1.0)
     cfg, _ = parse("--preset", "paper", "--epochs", "3", "--width", "0.5")
     assert (cfg.image_size, cfg.width, cfg.epochs, cfg.margin, cfg.dis_gate, cfg.ema_decay) == \
